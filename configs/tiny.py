@@ -1,0 +1,23 @@
+"""CPU-sized UniMedVL with every feature on (MoT, QK-norm, ViT, VAE, generation path)."""
+
+import ml_collections
+
+from unimedvl_jax import config as C
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Return the experiment config for the tiny CPU model."""
+    cfg = ml_collections.ConfigDict()
+    cfg.model = C.model_config(
+        llm=C.llm_config(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256,
+                         vocab_size=1024, qk_norm=True, layer_module="mot"),
+        vit=C.vit_config(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, image_size=224),
+        vae=C.vae_config(resolution=64, ch=32, ch_mult=[1, 2, 2, 2], z_channels=4),
+        latent_patch_size=2,
+        max_latent_size=16,
+        vit_max_num_patch_per_side=16,
+        special_tokens=ml_collections.ConfigDict(dict(
+            bos_token_id=1000, eos_token_id=1001, start_of_image=1002, end_of_image=1003)),
+        attention_block_size=128,
+    )
+    return cfg

@@ -1,0 +1,1 @@
+"""Interop with the official PyTorch UniMedVL/BAGEL checkpoint layout (spec §2)."""

@@ -1,0 +1,78 @@
+"""Adapter from the official packed training inputs (BAGEL `pack_sequence` output, §4.4) to our PackedBatch.
+
+Official tensors are lists of indexes into one packed sequence; ours are static-shape per-token arrays.
+The adapter is exact: it derives token kinds from the index lists, sample/split ids and modes from
+`sample_lens` / `split_lens` / `attn_modes`, latent token grids from `patchified_vae_latent_shapes`, and
+the MoT routing buffers from the token kinds. Optional `pad_tokens` appends padding (a causal pad sample,
+as the flex path does) to check that padding changes nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from unimedvl_jax.models.attention import SPLIT_MODES
+from unimedvl_jax.packed_batch import PAD, TEXT, VAE, VIT, PackedBatch
+
+
+def _i(x):
+    return np.asarray(x, np.int64).reshape(-1)
+
+
+def official_to_packed_batch(t: dict, attn_modes: list[str], *, vit_patch_dim: int = 588, latent_channels: int = 16,
+                             pad_tokens: int = 0) -> tuple[PackedBatch, np.ndarray]:
+    """(PackedBatch, latents NHWC) from the official forward kwargs `t` (numpy) and the split attn modes."""
+    sample_lens, split_lens = _i(t["sample_lens"]), _i(t["split_lens"])
+    length = int(sample_lens.sum())
+    total = length + pad_tokens
+    if int(split_lens.sum()) != length or len(attn_modes) != len(split_lens):
+        raise ValueError(f"split_lens {split_lens.tolist()} / attn_modes {attn_modes} do not tile "
+                         f"sample_lens {sample_lens.tolist()}")
+    kind = np.full(total, PAD, np.int32)
+    text_ids = np.zeros(total, np.int32)
+    text_idx = _i(t["packed_text_indexes"])
+    kind[text_idx], text_ids[text_idx] = TEXT, _i(t["packed_text_ids"])
+    vit_idx = _i(t.get("packed_vit_token_indexes", []))
+    vae_idx = _i(t.get("packed_vae_token_indexes", []))
+    kind[vit_idx], kind[vae_idx] = VIT, VAE
+
+    sample_id = np.concatenate([np.repeat(np.arange(len(sample_lens)), sample_lens),
+                                np.full(pad_tokens, len(sample_lens))]).astype(np.int32)
+    split_id = np.concatenate([np.repeat(np.arange(len(split_lens)), split_lens),
+                               np.full(pad_tokens, len(split_lens))]).astype(np.int32)
+    modes = np.array([SPLIT_MODES[m] for m in attn_modes] + [SPLIT_MODES["causal"]], np.int32)
+    split_mode = modes[split_id]
+    position_ids = np.concatenate([_i(t["packed_position_ids"]), np.zeros(pad_tokens, np.int64)]).astype(np.int32)
+
+    # ViT patches, one image per vit_token_seqlens entry.
+    seqlens = _i(t.get("vit_token_seqlens", []))
+    vit_image_id = np.repeat(np.arange(len(seqlens)), seqlens).astype(np.int32)
+    vit_patches = np.asarray(t["packed_vit_tokens"], np.float32) if len(vit_idx) else np.zeros((0, vit_patch_dim), np.float32)
+
+    # VAE latent tokens in image order, raster order inside each image (§3.10).
+    shapes = np.asarray(t.get("patchified_vae_latent_shapes", np.zeros((0, 2))), np.int64).reshape(-1, 2)
+    img, row, col = [], [], []
+    for n, (h, w) in enumerate(shapes):
+        r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        img.append(np.full(h * w, n)), row.append(r.reshape(-1)), col.append(c.reshape(-1))
+    cat = (lambda xs: np.concatenate(xs).astype(np.int32) if xs else np.zeros(0, np.int32))
+    timesteps = np.asarray(t.get("packed_timesteps", np.zeros(0)), np.float32)
+
+    und = np.nonzero((kind == TEXT) | (kind == VIT))[0].astype(np.int32)
+    gen = np.nonzero(kind == VAE)[0].astype(np.int32)
+    ce_index = _i(t.get("ce_loss_indexes", [])).astype(np.int32)
+    latents = np.transpose(np.asarray(t["padded_latent"], np.float32), (0, 2, 3, 1)) if len(vae_idx) else \
+        np.zeros((0, 2, 2, latent_channels), np.float32)
+    images = (np.transpose(np.asarray(t["padded_images"], np.float32), (0, 2, 3, 1))
+              if "padded_images" in t else np.zeros((0, 16, 16, 3), np.float32))
+    batch = PackedBatch(
+        text_ids=text_ids, token_kind=kind, sample_id=sample_id, split_id=split_id, split_mode=split_mode,
+        position_ids=position_ids, und_index=und, gen_index=gen, ce_index=ce_index,
+        ce_labels=_i(t.get("packed_label_ids", [])).astype(np.int32),
+        ce_weight=np.ones(len(ce_index), np.float32),
+        vit_patches=vit_patches, vit_position_ids=_i(t.get("packed_vit_position_ids", [])).astype(np.int32),
+        vit_image_id=vit_image_id, vit_token_index=vit_idx.astype(np.int32), vae_images=images,
+        vae_token_image=cat(img), vae_token_row=cat(row), vae_token_col=cat(col),
+        vae_position_ids=_i(t.get("packed_latent_position_ids", [])).astype(np.int32),
+        vae_token_index=vae_idx.astype(np.int32), vae_timestep=timesteps)
+    return batch, latents

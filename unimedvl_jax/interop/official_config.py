@@ -1,0 +1,69 @@
+"""Read/write the official llm_config.json / vit_config.json (+ our fixture/VAE params) as a model config.
+
+The loader overrides of §1.1 / §1.2 are applied on read: qk_norm=True, untied lm_head, MoT layers, ViT rope off
+and `num_hidden_layers - 1` ViT layers (§9.15).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+from unimedvl_jax import config as C
+
+VIT_LAYERS_DROPPED = 1  # the official loaders instantiate config.num_hidden_layers - 1 ViT layers
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path}: missing (an official checkpoint directory needs it)") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def model_config_from_official(ckpt_dir, *, base: ml_collections.ConfigDict | None = None,
+                               layer_module: str = "mot", qk_norm: bool = True) -> ml_collections.ConfigDict:
+    """Model config for an official directory; fields the JSON files lack come from `base` (default released).
+
+    `fixture_config.json` (the tiny test checkpoint) and `bagel_config.json` (our exports) add the Bagel-level
+    fields and VAE params; the released snapshot has neither and uses the released values (§1.3, §1.4).
+    """
+    cfg = ml_collections.ConfigDict(base.to_dict()) if base is not None else C.model_config()
+    llm = _read_json(os.path.join(ckpt_dir, "llm_config.json"))
+    vit = _read_json(os.path.join(ckpt_dir, "vit_config.json"))
+    cfg.llm.update(dict(
+        hidden_size=llm["hidden_size"], num_layers=llm["num_hidden_layers"], num_heads=llm["num_attention_heads"],
+        num_kv_heads=llm.get("num_key_value_heads", llm["num_attention_heads"]),
+        intermediate_size=llm["intermediate_size"], vocab_size=llm["vocab_size"],
+        rope_theta=float(llm.get("rope_theta", 10000.0)), rms_norm_eps=float(llm.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=llm.get("max_position_embeddings", 32768), qk_norm=qk_norm,
+        layer_module=layer_module))
+    cfg.vit.update(dict(
+        hidden_size=vit["hidden_size"], num_layers=vit["num_hidden_layers"] - VIT_LAYERS_DROPPED,
+        num_heads=vit["num_attention_heads"], intermediate_size=vit["intermediate_size"],
+        patch_size=vit["patch_size"], image_size=vit["image_size"], num_channels=vit.get("num_channels", 3),
+        layer_norm_eps=float(vit.get("layer_norm_eps", 1e-6))))
+    for extra in ("fixture_config.json", "bagel_config.json"):
+        path = os.path.join(ckpt_dir, extra)
+        if os.path.exists(path):
+            _apply_bagel_fields(cfg, _read_json(path))
+    C.validate_model_config(cfg)
+    return cfg
+
+
+def _apply_bagel_fields(cfg, extra):
+    for key in ("latent_patch_size", "max_latent_size", "vit_max_num_patch_per_side", "timestep_shift",
+                "interpolate_pos", "connector_act"):
+        if key in extra.get("bagel_config", {}):
+            cfg[key] = extra["bagel_config"][key]
+    if "vae_params" in extra:
+        vae = dict(extra["vae_params"])
+        cfg.vae.update({k: vae[k] for k in ("resolution", "in_channels", "downsample", "ch", "out_ch", "ch_mult",
+                                            "num_res_blocks", "z_channels", "scale_factor", "shift_factor")})
+    if "special_token_ids" in extra:
+        cfg.special_tokens.update(extra["special_token_ids"])

@@ -1,0 +1,1 @@
+"""Flax NNX modules of UniMedVL: one file per block family."""

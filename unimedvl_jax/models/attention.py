@@ -1,0 +1,129 @@
+"""Packed attention over the UniMedVL mask (§4.3), with a dense and a memory-bounded chunked backend.
+
+The mask is never stored: it is recomputed from per-token metadata (sample id, split id, split mode, index),
+so the chunked backend only ever holds one (block × block) tile of scores per head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+# Split modes of §4.2/§4.3.
+CAUSAL, FULL, NOISE = 0, 1, 2
+SPLIT_MODES = {"causal": CAUSAL, "full": FULL, "noise": NOISE}
+_MASKED = -1e30  # finite "minus infinity": exp underflows to exactly 0 and fully masked rows stay finite.
+
+
+@struct.dataclass
+class TokenMeta:
+    """Per-token attention metadata: sample (document) id, split id, split mode and sequence index."""
+
+    sample: jax.Array
+    split: jax.Array
+    mode: jax.Array
+    index: jax.Array
+
+    def __getitem__(self, sl):
+        return TokenMeta(self.sample[sl], self.split[sl], self.mode[sl], self.index[sl])
+
+    @property
+    def length(self) -> int:
+        return self.sample.shape[0]
+
+
+def segment_meta(segment_ids) -> TokenMeta:
+    """Metadata for plain bidirectional attention within segments (e.g. one ViT image per segment)."""
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    n = segment_ids.shape[0]
+    return TokenMeta(segment_ids, segment_ids, jnp.full((n,), FULL, jnp.int32), jnp.arange(n, dtype=jnp.int32))
+
+
+def allowed(q: TokenMeta, k: TokenMeta):
+    """Boolean (Tq, Tk) mask of §4.3: same sample AND (k<=q OR same full/noise split) AND NOT foreign noise."""
+    same_sample = q.sample[:, None] == k.sample[None, :]
+    same_split = q.split[:, None] == k.split[None, :]
+    causal = k.index[None, :] <= q.index[:, None]
+    bidirectional = same_split & (q.mode[:, None] != CAUSAL)
+    foreign_noise = (k.mode[None, :] == NOISE) & ~same_split
+    return same_sample & (causal | bidirectional) & ~foreign_noise
+
+
+def _group_queries(q, num_kv_heads):
+    """(T, Hq, D) -> (T, Hkv, G, D): query head h uses KV head h // G (§3.3)."""
+    t, hq, d = q.shape
+    return q.reshape(t, num_kv_heads, hq // num_kv_heads, d)
+
+
+def _dense(q, k, v, q_meta, k_meta, scale):
+    qg = _group_queries(q, k.shape[1])
+    scores = jnp.einsum("qhgd,khd->hgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(allowed(q_meta, k_meta)[None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("hgqk,khd->qhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(q.shape).astype(q.dtype)
+
+
+def _pad_to(x, length, value):
+    pad = length - x.shape[0]
+    if pad == 0:
+        return x
+    return jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], value, x.dtype)], axis=0)
+
+
+def _pad_meta(meta: TokenMeta, length: int) -> TokenMeta:
+    # Padding keys belong to no real sample (-2) so no real query can see them.
+    return TokenMeta(_pad_to(meta.sample, length, -2), _pad_to(meta.split, length, -2),
+                     _pad_to(meta.mode, length, CAUSAL), _pad_to(meta.index, length, 2**30))
+
+
+def _chunked(q, k, v, q_meta, k_meta, scale, block_size):
+    """Flash-style online softmax over key blocks, one query block at a time (no Tq × Tk buffer)."""
+    tq, hq, d = q.shape
+    tk, hkv, _ = k.shape
+    g = hq // hkv
+    nq, nk = -(-tq // block_size), -(-tk // block_size)
+    qp = _pad_to(_group_queries(q, hkv), nq * block_size, 0).reshape(nq, block_size, hkv, g, d)
+    kp = _pad_to(k, nk * block_size, 0).reshape(nk, block_size, hkv, d)
+    vp = _pad_to(v, nk * block_size, 0).reshape(nk, block_size, hkv, d)
+    qm = jax.tree.map(lambda a: a.reshape(nq, block_size), _pad_meta(q_meta, nq * block_size))
+    km = jax.tree.map(lambda a: a.reshape(nk, block_size), _pad_meta(k_meta, nk * block_size))
+
+    @jax.checkpoint
+    def query_block(q_blk, q_blk_meta):
+        def key_step(carry, xs):
+            m, l, acc = carry
+            k_blk, v_blk, k_blk_meta = xs
+            s = jnp.einsum("qhgd,khd->hgqk", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
+            s = jnp.where(allowed(q_blk_meta, k_blk_meta)[None, None], s, _MASKED)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            p = jnp.exp(s - m_new[..., None])
+            correction = jnp.exp(m - m_new)
+            l_new = l * correction + p.sum(axis=-1)
+            pv = jnp.einsum("hgqk,khd->hgqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
+            return (m_new, l_new, acc * correction[..., None] + pv), None
+
+        init = (jnp.full((hkv, g, block_size), _MASKED, jnp.float32),
+                jnp.zeros((hkv, g, block_size), jnp.float32),
+                jnp.zeros((hkv, g, block_size, d), jnp.float32))
+        (m, l, acc), _ = jax.lax.scan(key_step, init, (kp, vp, km))
+        out = acc / l[..., None]
+        return jnp.transpose(out, (2, 0, 1, 3))  # (block, hkv, g, d)
+
+    out = jax.lax.map(lambda xs: query_block(*xs), (qp, qm))
+    return out.reshape(nq * block_size, hq, d)[:tq].astype(q.dtype)
+
+
+def packed_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, backend: str = "dense",
+                     block_size: int = 128, scale: float | None = None):
+    """Softmax attention of q (Tq, Hq, D) over k, v (Tk, Hkv, D) under the §4.3 mask; GQA by head grouping."""
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads {q.shape[1]} not a multiple of KV heads {k.shape[1]}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if backend == "dense":
+        return _dense(q, k, v, q_meta, k_meta, scale)
+    if backend == "chunked":
+        return _chunked(q, k, v, q_meta, k_meta, scale, block_size)
+    raise ValueError(f"unknown attention backend {backend!r}; expected 'dense' or 'chunked'")
+

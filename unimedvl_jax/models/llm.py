@@ -1,0 +1,173 @@
+"""Qwen2 language model with dense, MoE and Mixture-of-Transformers decoder layers (§1.1, §1.5, §3.1–3.4).
+
+Attribute names follow the official state dict (`self_attn.q_proj_moe_gen`, `mlp_moe_gen`, ...), so that the
+interop name map is derived from module paths. `expert_indexes` is a list of token-index buffers, one per
+expert (und first, gen second), or [None] when a single expert serves every token.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from unimedvl_jax.models.attention import TokenMeta, packed_attention
+from unimedvl_jax.models.layers import (Embed, Linear, RMSNorm, SwiGLU, apply_rope, dtype_of,
+                                        rope_cos_sin)
+from unimedvl_jax.models.routing import apply_experts, gather_tokens, scatter_tokens
+
+GEN_SUFFIX = "_moe_gen"
+
+
+def expert_names(base: str, num_experts: int) -> list[str]:
+    """Attribute names of a module's experts: ['q_proj'] or ['q_proj', 'q_proj_moe_gen']."""
+    return [base, base + GEN_SUFFIX][:num_experts]
+
+
+def _experts(module, base, num_experts):
+    return [getattr(module, n) for n in expert_names(base, num_experts)]
+
+
+class PackedAttention(nnx.Module):
+    """GQA self-attention with q/k/v bias, optional per-head QK RMSNorm, RoPE after the norm (§3.2, §3.3)."""
+
+    def __init__(self, cfg, num_experts: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        h, d = cfg.hidden_size, cfg.hidden_size // cfg.num_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.num_experts, self.qk_norm = num_experts, cfg.qk_norm
+        kv = cfg.num_kv_heads * d
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for name in expert_names("q_proj", num_experts):
+            setattr(self, name, Linear(h, h, axes=("embed", "q_heads"), **kw))
+        for name in expert_names("k_proj", num_experts):
+            setattr(self, name, Linear(h, kv, axes=("embed", "kv_heads"), **kw))
+        for name in expert_names("v_proj", num_experts):
+            setattr(self, name, Linear(h, kv, axes=("embed", "kv_heads"), **kw))
+        for name in expert_names("o_proj", num_experts):
+            setattr(self, name, Linear(h, h, axes=("q_heads", "embed"), use_bias=False, **kw))
+        if cfg.qk_norm:
+            for base in ("q_norm", "k_norm"):
+                for name in expert_names(base, num_experts):
+                    setattr(self, name, RMSNorm(d, eps=cfg.rms_norm_eps, axis_name="head_dim",
+                                                param_dtype=param_dtype))
+
+    def project_qkv(self, e: int, x):
+        """Expert e's (q, k, v) for tokens x (C, H), with QK-norm applied (before RoPE)."""
+        n = x.shape[0]
+        q = getattr(self, expert_names("q_proj", 2)[e])(x).reshape(n, self.num_heads, self.head_dim)
+        k = getattr(self, expert_names("k_proj", 2)[e])(x).reshape(n, self.num_kv_heads, self.head_dim)
+        v = getattr(self, expert_names("v_proj", 2)[e])(x).reshape(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = getattr(self, expert_names("q_norm", 2)[e])(q)
+            k = getattr(self, expert_names("k_norm", 2)[e])(k)
+        return q, k, v
+
+    def __call__(self, x_normed_per_expert, expert_indexes, cos, sin, meta: TokenMeta, *, backend, block_size):
+        """Joint attention over all tokens; each token's projections come from its own expert."""
+        length = meta.length
+        qkv = [self.project_qkv(e, xe) for e, xe in enumerate(x_normed_per_expert)]
+        q, k, v = (scatter_tokens([t[i] for t in qkv], expert_indexes, length) for i in range(3))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = packed_attention(q, k, v, meta, meta, backend=backend, block_size=block_size)
+        out = out.reshape(length, self.num_heads * self.head_dim)
+        return [o(gather_tokens(out, idx)) for o, idx in zip(_experts(self, "o_proj", self.num_experts),
+                                                             expert_indexes)]
+
+
+class DecoderLayer(nnx.Module):
+    """Qwen2DecoderLayer / Qwen2MoEDecoderLayer / Qwen2MoTDecoderLayer, selected by `layer_module` (§1.5)."""
+
+    def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.attn_experts = 2 if cfg.layer_module == "mot" else 1
+        self.mlp_experts = 1 if cfg.layer_module == "dense" else 2
+        self.self_attn = PackedAttention(cfg, self.attn_experts, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for name in expert_names("mlp", self.mlp_experts):
+            setattr(self, name, SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=dtype,
+                                       param_dtype=param_dtype, rngs=rngs))
+        for base in ("input_layernorm", "post_attention_layernorm"):
+            for name in expert_names(base, self.attn_experts):
+                setattr(self, name, RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed",
+                                            param_dtype=param_dtype))
+
+    def __call__(self, x, expert_indexes, cos, sin, meta, *, backend, block_size):
+        """One residual block: h = x + attn(norm1(x)); out = h + mlp(norm2(h)), per token's expert (§3.4)."""
+        attn_indexes = expert_indexes if self.attn_experts == 2 else [None]
+        mlp_indexes = expert_indexes if self.mlp_experts == 2 else [None]
+        xs = [gather_tokens(x, idx) for idx in attn_indexes]
+        normed = [n(xe) for n, xe in zip(_experts(self, "input_layernorm", self.attn_experts), xs)]
+        attn = self.self_attn(normed, attn_indexes, cos, sin, meta, backend=backend, block_size=block_size)
+        h = scatter_tokens([xe + a for xe, a in zip(xs, attn)], attn_indexes, x.shape[0])
+        if self.attn_experts == self.mlp_experts:
+            # MoT: norm2 and MLP use the same expert split as attention.
+            hs = [gather_tokens(h, idx) for idx in mlp_indexes]
+            outs = [he + mlp(n(he)) for he, n, mlp in zip(
+                hs, _experts(self, "post_attention_layernorm", self.attn_experts),
+                _experts(self, "mlp", self.mlp_experts))]
+            return scatter_tokens(outs, mlp_indexes, x.shape[0])
+        # dense (1 expert everywhere) never reaches here; MoE: shared norm2, split MLP.
+        z = self.post_attention_layernorm(h)
+        mlps = _experts(self, "mlp", self.mlp_experts)
+        return h + apply_experts(mlps, z, mlp_indexes, lambda mlp, t: mlp(t))
+
+
+class Qwen2Model(nnx.Module):
+    """Embedding, decoder layers and the final norms (`norm` for und tokens, `norm_moe_gen` for gen tokens)."""
+
+    def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), param_dtype=param_dtype,
+                                  rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", param_dtype=param_dtype)
+        self.num_final_norms = 1 if cfg.layer_module == "dense" else 2
+        if self.num_final_norms == 2:
+            self.norm_moe_gen = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed",
+                                        param_dtype=param_dtype)
+
+
+class Qwen2ForCausalLM(nnx.Module):
+    """The packed Qwen2 LLM with untied `lm_head` (§1.1)."""
+
+    def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.dtype = dtype_of(dtype) or jnp.float32
+        self.model = Qwen2Model(cfg, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False,
+                              dtype=self.dtype, param_dtype=param_dtype,
+                              kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.cfg = cfg
+
+    def embed(self, ids):
+        """Token embeddings in the compute dtype."""
+        return self.model.embed_tokens(ids, self.dtype)
+
+    def __call__(self, embeds, position_ids, meta: TokenMeta, expert_indexes, *, backend="dense",
+                 block_size=512, remat=False, return_layer_outputs=False):
+        """Run every decoder layer and the final norms on packed embeddings (T, H).
+
+        Returns (hidden after final norms, list of per-layer residual outputs or None).
+        """
+        if self.cfg.layer_module == "dense":
+            expert_indexes = [None]
+        head_dim = self.cfg.hidden_size // self.cfg.num_heads
+        cos, sin = rope_cos_sin(position_ids, head_dim, self.cfg.rope_theta, embeds.dtype)
+
+        def run_layer(layer, x):
+            return layer(x, expert_indexes, cos, sin, meta, backend=backend, block_size=block_size)
+
+        if remat:
+            run_layer = nnx.remat(run_layer)
+        x = embeds
+        layer_outputs = []
+        for layer in self.model.layers:
+            x = run_layer(layer, x)
+            if return_layer_outputs:
+                layer_outputs.append(x)
+        norms = [self.model.norm, getattr(self.model, "norm_moe_gen", None)][:self.model.num_final_norms]
+        final_indexes = expert_indexes if len(norms) == 2 else [None]
+        hidden = apply_experts(norms, x, final_indexes, lambda norm, t: norm(t))
+        return hidden, (layer_outputs if return_layer_outputs else None)
+
+    def logits(self, hidden):
+        """lm_head projection of (already normed) hidden states, in fp32."""
+        return self.lm_head(hidden).astype(jnp.float32)
+
