@@ -26,7 +26,25 @@ def torch_default_linear_init(fan_in_axis: int = 0):
     return init
 
 
-def annotated_param(rngs: nnx.Rngs | None, init, shape, axes, param_dtype, param_type=nnx.Param):
+class ParamKeys:
+    """A stream of parameter-init keys: fold_in(base, counter) with a plain Python counter.
+
+    Used instead of calling nnx.Rngs once per parameter: under nnx.eval_shape each nnx.Rngs draw updates a
+    traced counter variable, which makes abstract construction of the 14B model take minutes.
+    """
+
+    def __init__(self, rngs: "nnx.Rngs | ParamKeys"):
+        if isinstance(rngs, ParamKeys):
+            self.base, self.count = rngs.base, rngs.count
+        else:
+            self.base, self.count = rngs.params(), 0
+
+    def params(self):
+        self.count += 1
+        return jax.random.fold_in(self.base, self.count)
+
+
+def annotated_param(rngs: "nnx.Rngs | ParamKeys | None", init, shape, axes, param_dtype, param_type=nnx.Param):
     """Create a parameter of `shape` carrying logical axis names `axes` (one per dim)."""
     assert len(axes) == len(shape), (axes, shape)
     init = nnx.with_partitioning(init, tuple(axes))

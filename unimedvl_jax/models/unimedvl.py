@@ -11,7 +11,7 @@ from unimedvl_jax.config import validate_model_config
 from unimedvl_jax.models.attention import TokenMeta
 from unimedvl_jax.models.bridges import (PositionEmbedding, TimestepEmbedder, patchify_latent_tokens,
                                          shift_timestep)
-from unimedvl_jax.models.layers import GeluMLP, Linear, dtype_of
+from unimedvl_jax.models.layers import GeluMLP, Linear, ParamKeys, dtype_of
 from unimedvl_jax.models.llm import Qwen2ForCausalLM
 from unimedvl_jax.models.vae import AutoEncoder
 from unimedvl_jax.models.vit import SiglipVisionModel
@@ -48,7 +48,7 @@ class UniMedVL(nnx.Module):
         dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self.dtype = dtype
         hidden = cfg.llm.hidden_size
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=ParamKeys(rngs))
         self.language_model = Qwen2ForCausalLM(cfg.llm, **kw)
         self.vit_model = SiglipVisionModel(cfg.vit, **kw)
         self.connector = GeluMLP(cfg.vit.hidden_size, hidden, hidden, axes_in="vit_embed", axes_hidden="embed_in",

@@ -236,7 +236,7 @@ class Decoder(nnx.Module):
 
     def __call__(self, z):
         h = self.mid(self.conv_in(z))
-        for level in self.up:
+        for level in reversed(self.up):
             h = level(h)
         return self.conv_out(swish(self.norm_out(h)))
 
