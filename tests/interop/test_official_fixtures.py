@@ -111,9 +111,12 @@ def test_training_forward_bf16_close(official_dir, manifest):
                                               latent_channels=cfg.vae.z_channels)
     out = forward(model, batch, latents.astype(jnp.bfloat16), t16["flow_noise"])
     noised = np.asarray(out.mse_mask)
-    # Stated tolerance: bf16 has ~3 significant digits; values here are O(1-10).
-    assert max_diff(out.ce, t16["ce"]) < 0.05
-    assert max_diff(np.asarray(out.mse_preds)[noised], t16["mse_preds"]) < 0.05
+    # Stated tolerance: within 2x the official code's own fp32-vs-bf16 discrepancy on the same tensor (our
+    # bf16 rounding points differ from torch autocast's, so bf16 results agree only to that scale).
+    ours = {"ce": out.ce, "mse_preds": np.asarray(out.mse_preds)[noised], "last_hidden_state": out.hidden}
+    for key, value in ours.items():
+        budget = 2 * max_diff(t32[key], t16[key])
+        assert max_diff(value, t16[key]) <= budget, (key, max_diff(value, t16[key]), budget)
     loss, _ = packed_loss(out, batch.ce_weight)
     scal = manifest["fixtures"]["train_mixed_bf16"]["scalars"]
     assert abs(float(loss) - scal["loss"]) < 0.02 * scal["loss"]

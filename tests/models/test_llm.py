@@ -4,6 +4,7 @@ Every HF weight is randomised (norm scales 1+0.1N, non-zero biases), so a mis-ma
 norm/RoPE placement or an attention leak between packed samples fails the comparison.
 """
 
+import inspect
 import math
 
 import jax.numpy as jnp
@@ -169,7 +170,7 @@ def test_qk_norm_and_qkv_bias_match_hf_qwen3(qwen3_pair):
     hf, ours = qwen3_pair
     # The HF Qwen3 attention (this transformers version) norms q/k per head before RoPE, as §3.2/§3.3 require.
     from transformers.models.qwen3 import modeling_qwen3
-    import inspect
+
     src = inspect.getsource(modeling_qwen3.Qwen3Attention.forward)
     assert src.index("self.q_norm(") < src.index("apply_rotary_pos_emb(")
     assert hf.model.layers[0].self_attn.q_norm.weight.shape == (HIDDEN // HEADS,)
@@ -199,7 +200,8 @@ def test_chunked_backend_matches_dense(qk_norm):
 
 def test_chunked_attention_op_matches_dense_with_sharp_scores():
     """packed_attention alone: sharp scores (std ~4), GQA, causal + full + noise splits over two packed samples,
-    45 tokens with block 16 (partial last block). Outputs are convex combinations of v, so |out| <= max|v|."""
+    45 tokens with block 16 (partial last block). Outputs are convex combinations of v, so |out| <= max|v|;
+    v is kept O(1) so that 1e-6 absolute is a few fp32 ulps (v ~ N(0,1) reaches |out| ~ 4 and 8e-7 differences)."""
     rng = np.random.default_rng(6)
     # (sample, split, mode, length)
     spans = [(0, 0, CAUSAL, 10), (0, 1, FULL, 8), (0, 2, NOISE, 6), (0, 3, CAUSAL, 5), (1, 4, CAUSAL, 16)]
@@ -212,7 +214,7 @@ def test_chunked_attention_op_matches_dense_with_sharp_scores():
     d = HIDDEN // HEADS
     q = jnp.asarray(2.0 * rng.standard_normal((t, HEADS, d)), jnp.float32)
     k = jnp.asarray(2.0 * rng.standard_normal((t, KV_HEADS, d)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((t, KV_HEADS, d)), jnp.float32)
+    v = jnp.asarray(0.5 * rng.standard_normal((t, KV_HEADS, d)), jnp.float32)  # |out| <= max|v| ~ 2
     dense = np.asarray(packed_attention(q, k, v, meta, meta, backend="dense"))
     chunked = np.asarray(packed_attention(q, k, v, meta, meta, backend="chunked", block_size=16))
     assert t % 16 and np.isfinite(dense).all()

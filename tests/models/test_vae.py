@@ -10,12 +10,12 @@ import torch
 from flax import nnx
 
 from unimedvl_jax.config import vae_config
-from unimedvl_jax.models.vae import AutoEncoder
+from unimedvl_jax.models.vae import AutoEncoder, Conv2d, GroupNorm
 
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _no_eager_sharding():
     with nnx.use_eager_sharding(False):
         yield
@@ -106,9 +106,10 @@ def _to_jax_value(key, t):
 
 
 def _ours_from_diffusers(vae):
+    """Our AutoEncoder holding the diffusers weights; every parameter must be assigned exactly once."""
     cfg = vae_config(ch=PARITY_CH, ch_mult=list(PARITY_MULT), z_channels=PARITY_Z, norm_groups=PARITY_GROUPS,
                      downsample=2 ** (len(PARITY_MULT) - 1))
-    model = AutoEncoder(cfg, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: AutoEncoder(cfg, rngs=nnx.Rngs(0)))  # every param is overwritten below
     params = _params(model)
     for key, t in vae.state_dict().items():
         path = _diffusers_key_to_ours(key)
@@ -251,14 +252,27 @@ def test_released_geometry_matches_official_state_dict():
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _tiny_ae():
+@pytest.fixture(scope="module")
+def tiny_ae():
+    """A small random AE (two levels, downsample 2) with non-trivial scale/shift."""
     cfg = vae_config(ch=32, ch_mult=[1, 2], downsample=2, z_channels=4, norm_groups=8,
                      scale_factor=0.5, shift_factor=0.25)
-    return cfg, AutoEncoder(cfg, rngs=nnx.Rngs(1))
+    # Filled from numpy rather than initialised: eager per-shape init compiles dominate CPU test time.
+    model = nnx.eval_shape(lambda: AutoEncoder(cfg, rngs=nnx.Rngs(1)))
+    rng = np.random.default_rng(1)
+    for path, var in _params(model).items():
+        shape = var.get_value().shape
+        if path.endswith("kernel"):
+            value = rng.standard_normal(shape) / math.sqrt(math.prod(shape[:3]))
+        else:
+            value = 0.1 * rng.standard_normal(shape) + (1.0 if path.endswith("weight") else 0.0)
+        var.set_value(jnp.asarray(value, jnp.float32))
+    return cfg, model
 
 
-def test_encode_sampling_and_normalisation():
-    cfg, model = _tiny_ae()
+def test_encode_sampling_and_normalisation(tiny_ae):
+    """encode() = scale·(mean + exp(logvar/2)·eps − shift); sample=False uses the mean; key draws N(0, 1)."""
+    cfg, model = tiny_ae
     x = jax.random.uniform(jax.random.key(0), (2, 8, 12, 3), minval=-1, maxval=1)
     mean, logvar = model.encode_moments(x)
     assert mean.shape == (2, 4, 6, 4)
@@ -277,8 +291,9 @@ def test_encode_sampling_and_normalisation():
         model.encode(x)
 
 
-def test_decode_denormalises():
-    cfg, model = _tiny_ae()
+def test_decode_denormalises(tiny_ae):
+    """decode(z) = Decoder(z/scale + shift)."""
+    cfg, model = tiny_ae
     z = jax.random.normal(jax.random.key(2), (1, 4, 6, 4))
     out = model.decode(z)
     assert out.shape == (1, 8, 12, 3)
@@ -286,7 +301,21 @@ def test_decode_denormalises():
     assert not np.allclose(out, model.decoder(z))
 
 
+def test_default_init_matches_torch():
+    """Conv2d weight/bias ~ U(±1/sqrt(in·kh·kw)) (torch default); GroupNorm starts at weight 1, bias 0."""
+    conv = Conv2d(8, 16, 3, rngs=nnx.Rngs(0))
+    bound = 1 / math.sqrt(8 * 3 * 3)
+    for p in (conv.kernel.get_value(), conv.bias.get_value()):
+        assert np.abs(p).max() <= bound and np.abs(p).max() > 0.8 * bound
+    kernel = np.asarray(conv.kernel.get_value())
+    assert kernel.shape == (3, 3, 8, 16) and abs(kernel.std() - bound / math.sqrt(3)) < 0.1 * bound
+    norm = GroupNorm(16, num_groups=4, eps=1e-6)
+    np.testing.assert_array_equal(norm.weight.get_value(), np.ones(16))
+    np.testing.assert_array_equal(norm.bias.get_value(), np.zeros(16))
+
+
 def test_wrong_downsample_raises():
+    """downsample must equal 2**(len(ch_mult) - 1)."""
     with pytest.raises(ValueError, match="downsample"):
         AutoEncoder(vae_config(ch=32, ch_mult=[1, 2], downsample=8, z_channels=4, norm_groups=8),
                     rngs=nnx.Rngs(0))

@@ -56,6 +56,7 @@ class NameMapEntry:
     official_shape: tuple
     dtype: np.dtype
     frozen_table: bool
+    axes: tuple  # logical axis names of the JAX parameter (for placing it on a mesh)
 
     @property
     def jax_name(self) -> str:
@@ -103,7 +104,8 @@ def build_name_map(model_or_state) -> list[NameMapEntry]:
         transform = _transform_for(leaf, len(shape))
         entries.append(NameMapEntry(path=tuple(path), file=file, key=key, transform=transform, jax_shape=shape,
                                     official_shape=official_shape(transform, shape), dtype=np.dtype(value.dtype),
-                                    frozen_table=isinstance(var, PositionTable)))
+                                    frozen_table=isinstance(var, PositionTable),
+                                    axes=tuple(var.get_metadata().get("out_sharding") or ())))
     keys = [(e.file, e.key) for e in entries]
     if len(set(keys)) != len(keys):
         raise AssertionError("name map is not one-to-one")

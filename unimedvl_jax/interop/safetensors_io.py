@@ -7,7 +7,6 @@ never holds a second full copy of the parameters.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 
@@ -28,7 +27,7 @@ class SafetensorsError(ValueError):
 
 
 class SafetensorsReader:
-    """Memory-mapped read access to one safetensors file; tensors are materialised one key at a time."""
+    """Read access to one safetensors file; tensors are read from disk one key at a time."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -64,7 +63,6 @@ class SafetensorsReader:
                 raise SafetensorsError(f"{self.path}: truncated or corrupt: tensor {key!r} needs bytes "
                                        f"[{begin}, {end}) of a {data_size}-byte data section")
             self.entries[key] = (dtype, shape, begin, end)
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
 
     def keys(self):
         return list(self.entries)
@@ -74,14 +72,19 @@ class SafetensorsReader:
         return shape, dtype
 
     def get(self, key) -> np.ndarray:
-        """A copy of tensor `key` as a numpy array."""
+        """Tensor `key` as a (writable, freshly read) numpy array."""
         dtype, shape, begin, end = self.entries[key]
-        buf = self._map[self._data_start + begin: self._data_start + end]
-        return np.frombuffer(buf, dtype=dtype).reshape(shape).copy()
+        # pread into a fresh buffer (no mmap): only this tensor's bytes are resident while it is in use.
+        buf = bytearray(end - begin)
+        view, offset = memoryview(buf), self._data_start + begin
+        while view:
+            n = os.preadv(self._file.fileno(), [view], offset)
+            if n == 0:
+                raise SafetensorsError(f"{self.path}: truncated while reading tensor {key!r}")
+            view, offset = view[n:], offset + n
+        return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def close(self):
-        if self._map is not None:
-            self._map.close()
         self._file.close()
 
     def __enter__(self):

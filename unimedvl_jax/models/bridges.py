@@ -82,7 +82,7 @@ def patchify_latent_tokens(latents, image, row, col, patch: int):
     rows = patch * row[:, None] + offsets[None, :]
     cols = patch * col[:, None] + offsets[None, :]
     tokens = latents[image[:, None, None], rows[:, :, None], cols[:, None, :], :]  # (V, p, p, C)
-    return tokens.reshape(tokens.shape[0], -1)
+    return tokens.reshape(tokens.shape[0], patch * patch * latents.shape[-1])  # explicit: V may be 0
 
 
 def unpatchify_latent(tokens, h: int, w: int, patch: int, channels: int):

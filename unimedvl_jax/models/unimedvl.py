@@ -77,7 +77,7 @@ class UniMedVL(nnx.Module):
 
     def embed_latents(self, batch: PackedBatch, latents, flow_noise):
         """x₀, t, x_t and the LLM embedding vae2llm(x_t) + temb(t) + latent_pos (§3.10, §3.11)."""
-        x0 = patchify_latent_tokens(latents.astype(jnp.float32), batch.vae_token_image, batch.vae_token_row,
+        x0 = patchify_latent_tokens(jnp.asarray(latents, jnp.float32), batch.vae_token_image, batch.vae_token_row,
                                     batch.vae_token_col, self.cfg.latent_patch_size)
         t = shift_timestep(jax.nn.sigmoid(batch.vae_timestep.astype(jnp.float32)), self.cfg.timestep_shift)
         x_t = (1.0 - t[:, None]) * x0 + t[:, None] * flow_noise.astype(jnp.float32)
