@@ -33,7 +33,7 @@ def tiny_config():
 CFG = tiny_config()
 LP, Z = CFG.latent_patch_size, CFG.vae.z_channels
 # One static shape for most packs, so the jitted forward compiles once per module.
-STATIC = dict(pad_to=64, capacities=dict(und=48, gen=24, ce=16, vit=8, vae=24, vae_images=3))
+STATIC = dict(pad_to=64, capacities=dict(und=48, gen=24, ce=16, vit=12, vae=24, vae_images=3))
 
 
 def _params(module):
@@ -79,7 +79,7 @@ def txt(n, loss=False):
 
 
 S_UND = [vit(2, 3), txt(5), txt(4, loss=True)]                                    # VQA-like: 21 tokens
-S_GEN = [txt(6), vae(2, 3, noised=True, timestep=0.3), vae(2, 2), txt(4, loss=True)]  # edit-like: 28 tokens
+S_GEN = [txt(6), vae(2, 3, noised=True, timestep=0.3), vae(2, 2), vit(2, 2), txt(4, loss=True)]  # edit: 34 tokens
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -146,8 +146,9 @@ def test_decoder_layer_matches_numpy_mot_reference(model):
     layer = nnx.clone(model.language_model.model.layers[0])
     rng = np.random.default_rng(3)
     for path, var in _params(layer).items():  # every weight distinct per expert, norms included
-        base = 1.0 if path.endswith("norm.weight") or "norm_moe_gen" in path else 0.0
-        var[...] = jnp.asarray(base + 0.2 * rng.standard_normal(var.shape), jnp.float32)
+        is_norm = path.endswith("norm.weight") or "norm_moe_gen" in path
+        scale = 0.2 if var.ndim == 1 else var.shape[0] ** -0.5  # kernels ~ N(0, 1/fan_in): O(1) activations
+        var[...] = jnp.asarray(float(is_norm) + scale * rng.standard_normal(var.shape), jnp.float32)
     w = {p: np.asarray(v[...], np.float64) for p, v in _params(layer).items()}
     assert any("_moe_gen" in p for p in w) and len(w) == 2 * 14  # per expert: q,k,v (+bias), o, q/k norm, 3 MLP, 2 norms
 
@@ -166,7 +167,7 @@ def test_decoder_layer_matches_numpy_mot_reference(model):
     expert = np.where(kind == VAE, 1, 0)
     ref = _np_mot_layer(w, x[real].astype(np.float64), expert[real], batch.position_ids[real].astype(np.float64),
                         batch.sample_id[real], batch.split_id[real], batch.split_mode[real], CFG.llm)
-    np.testing.assert_allclose(got[real], ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got[real], ref, atol=1e-5, rtol=0)
     assert np.all(np.isfinite(got))
 
 
@@ -343,11 +344,13 @@ def test_padding_invariance(model, samples, padding):
     b1, _, _, padded = run(model, samples, **static)
     assert np.any(b1.token_kind == PAD) == (padding == "sequence_and_buffers")
     assert np.any(b1.gen_index == b1.num_tokens) and np.any(b1.vit_token_index == b1.num_tokens)
-    # Different T changes XLA's reduction order: the per-token losses agree to 1e-6 (a couple of float32 ulps at
-    # ce ≈ log(vocab) ≈ 5.5); normed hidden states reach |h| ≈ 4, so they are compared relatively as well.
-    np.testing.assert_allclose(padded.hidden[:t], exact.hidden, atol=1e-6, rtol=1e-6)
-    np.testing.assert_allclose(padded.ce[:n_ce], exact.ce, atol=1e-6, rtol=0)
-    np.testing.assert_allclose(padded.mse[:n_vae], exact.mse, atol=1e-6, rtol=0)
+    # A different T changes XLA's reduction order, so values move by float32 rounding only (they agree exactly
+    # in float64 for this pack). Per-token losses: 1e-6 absolute plus 1e-6 relative (a few float32 ulp at
+    # ce ≈ log(vocab) ≈ 5.5). Normed hidden states (|h| up to ≈4, all tokens) carry ≈1e-6 of accumulated
+    # rounding: compared at 5e-6.
+    np.testing.assert_allclose(padded.hidden[:t], exact.hidden, atol=5e-6, rtol=0)
+    np.testing.assert_allclose(padded.ce[:n_ce], exact.ce, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(padded.mse[:n_vae], exact.mse, atol=1e-6, rtol=1e-6)
     np.testing.assert_array_equal(padded.mse_mask[:n_vae], exact.mse_mask)
     assert not np.any(padded.ce_mask[n_ce:]) and not np.any(padded.mse_mask[n_vae:])
     assert np.all(np.isfinite(padded.hidden))
