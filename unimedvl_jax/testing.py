@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from flax import nnx
 
 from unimedvl_jax.models.attention import CAUSAL, FULL, NOISE
 from unimedvl_jax.packed_batch import PAD, TEXT, VAE, VIT, PackedBatch
@@ -47,6 +48,11 @@ class VaeImage:
     latent: np.ndarray | None = None  # (p·h, p·w, z_channels) normalised latent; random normal if None
     noise: np.ndarray | None = None   # (h·w, p·p·z_channels) flow noise ε; random normal if None
     dropped: bool = False
+
+
+def param_dict(module) -> dict:
+    """{dotted path: nnx.Param} over every parameter of `module` (for copying reference weights in)."""
+    return {".".join(map(str, path)): var for path, var in nnx.iter_graph(module) if isinstance(var, nnx.Param)}
 
 
 def _grid(hw, what, limit):

@@ -16,6 +16,7 @@ from flax import nnx
 from unimedvl_jax.config import llm_config
 from unimedvl_jax.models.attention import CAUSAL, FULL, NOISE, TokenMeta, packed_attention
 from unimedvl_jax.models.llm import Qwen2ForCausalLM
+from unimedvl_jax.testing import param_dict
 
 TOL = 1e-4  # parity with HF (fp32)
 SAME_TOL = 1e-6  # our own paths against each other
@@ -25,15 +26,6 @@ ROPE_THETA, RMS_EPS = 10_000.0, 1e-5  # deliberately not the released defaults (
 LENGTHS = (7, 12)  # two causal text samples of different lengths, packed into one sequence
 
 
-@pytest.fixture(autouse=True)
-def _no_eager_sharding():
-    with nnx.use_eager_sharding(False):
-        yield
-
-
-def _params(module):
-    """{dotted path: Param} over every parameter of `module`."""
-    return {".".join(map(str, path)): var for path, var in nnx.iter_graph(module) if isinstance(var, nnx.Param)}
 
 
 def _randomise(hf_model, seed):
@@ -56,7 +48,7 @@ def _load_from_hf(hf_model, ours, skip=()):
     """Copy an HF Qwen state dict into our model (Linear weights transposed to (in, out) kernels).
 
     Every parameter of ours must be written exactly once, so nothing silently keeps its random init."""
-    params = _params(ours)
+    params = param_dict(ours)
     written = set()
     for name, tensor in hf_model.state_dict().items():
         if name in skip:

@@ -15,6 +15,7 @@ from flax import nnx
 
 from unimedvl_jax.config import vit_config
 from unimedvl_jax.models.vit import SiglipVisionModel
+from unimedvl_jax.testing import param_dict
 
 TOL = 1e-4  # parity with HF (fp32)
 PACK_TOL = 1e-5  # packed vs alone, both ours
@@ -23,15 +24,6 @@ HIDDEN, LAYERS, HEADS, INTER, PATCH, IMAGE = 32, 2, 2, 64, 14, 56
 SIDE = IMAGE // PATCH  # 4: position table is SIDE x SIDE
 
 
-@pytest.fixture(autouse=True)
-def _no_eager_sharding():
-    with nnx.use_eager_sharding(False):
-        yield
-
-
-def _params(module):
-    """{dotted path: Param} over every parameter of `module`."""
-    return {".".join(map(str, path)): var for path, var in nnx.iter_graph(module) if isinstance(var, nnx.Param)}
 
 
 def _patchify(image):
@@ -95,7 +87,7 @@ def siglip_pair():
     ours = SiglipVisionModel(vit_config(hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
                                         intermediate_size=INTER, patch_size=PATCH, image_size=IMAGE),
                              dtype="float32", rngs=nnx.Rngs(0))
-    params = _params(ours)
+    params = param_dict(ours)
     written = set()
     for name, tensor in hf.state_dict().items():
         value = tensor.detach().numpy()
