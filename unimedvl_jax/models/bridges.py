@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimedvl_jax.models.layers import Linear, annotated_param
+from unimedvl_jax.models.layers import Linear, annotated_param, table_init
 
 
 class PositionTable(nnx.Variable):
@@ -35,8 +35,8 @@ class PositionEmbedding(nnx.Module):
 
     def __init__(self, side, hidden, *, param_dtype=jnp.float32):
         table = sincos_2d_table(side, hidden)
-        self.pos_embed = annotated_param(None, lambda k, s, d: jnp.asarray(table, d), table.shape,
-                                         ("pos_table", "embed"), param_dtype, param_type=PositionTable)
+        self.pos_embed = annotated_param(None, table_init(table), table.shape, ("pos_table", "embed"), param_dtype,
+                                         param_type=PositionTable)
 
     def __call__(self, position_ids, dtype):
         return jnp.take(self.pos_embed[...], position_ids, axis=0).astype(dtype)

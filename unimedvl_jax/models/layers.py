@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Dtype = jnp.dtype
@@ -16,40 +17,104 @@ def dtype_of(name: str | None):
     return jnp.dtype(name)
 
 
-def torch_default_linear_init(fan_in_axis: int = 0):
-    """PyTorch nn.Linear default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform a=sqrt(5))."""
+class Init:
+    """A parameter initializer with a JAX path (under jit / eval_shape) and a host NumPy path (eager).
 
-    def init(key, shape, dtype=jnp.float32):
-        bound = 1.0 / jnp.sqrt(shape[fan_in_axis])
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    Eager construction draws on the host: one jax.random call per distinct parameter shape would compile a
+    separate XLA kernel each (tens of seconds for a small model on CPU). Under a trace (nnx.jit, nnx.eval_shape)
+    the JAX path is used, so nothing is allocated abstractly and sharded creation stays on device.
+    """
 
-    return init
+    def __init__(self, kind: str, scale: float = 0.0, table=None):
+        self.kind, self.scale, self.table = kind, float(scale), table
+
+    def __call__(self, key, shape, dtype=jnp.float32):
+        if self.kind == "uniform":
+            return jax.random.uniform(key, shape, dtype, -self.scale, self.scale)
+        if self.kind == "normal":
+            return self.scale * jax.random.normal(key, shape, dtype)
+        return jnp.asarray(self.host(None, shape, dtype))
+
+    def host(self, rng: np.random.Generator | None, shape, dtype=np.float32) -> np.ndarray:
+        if self.kind == "uniform":
+            return rng.uniform(-self.scale, self.scale, shape).astype(dtype)
+        if self.kind == "normal":
+            return (self.scale * rng.standard_normal(shape)).astype(dtype)
+        if self.kind == "constant":
+            return np.full(shape, self.scale, dtype)
+        if self.kind == "table":
+            return np.asarray(self.table, dtype).reshape(shape)
+        raise ValueError(f"unknown init kind {self.kind!r}")
+
+    @property
+    def random(self) -> bool:
+        return self.kind in ("uniform", "normal")
+
+
+def uniform_init(bound: float) -> Init:
+    """U(-bound, bound)."""
+    return Init("uniform", bound)
+
+
+def normal_init(std: float) -> Init:
+    """N(0, std²)."""
+    return Init("normal", std)
+
+
+def constant_init(value: float) -> Init:
+    """Every entry = value (zeros, ones)."""
+    return Init("constant", value)
+
+
+def table_init(table) -> Init:
+    """A fixed array (e.g. the sin-cos position tables)."""
+    return Init("table", table=np.asarray(table))
+
+
+def torch_default_init(fan_in: int) -> Init:
+    """PyTorch nn.Linear / nn.Conv2d default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
+    return uniform_init(1.0 / float(fan_in) ** 0.5)
 
 
 class ParamKeys:
-    """A stream of parameter-init keys: fold_in(base, counter) with a plain Python counter.
+    """A stream of parameter-init randomness: fold_in(base, counter) with a plain Python counter.
 
     Used instead of calling nnx.Rngs once per parameter: under nnx.eval_shape each nnx.Rngs draw updates a
     traced counter variable, which makes abstract construction of the 14B model take minutes.
     """
 
-    def __init__(self, rngs: "nnx.Rngs | ParamKeys"):
-        if isinstance(rngs, ParamKeys):
-            self.base, self.count = rngs.base, rngs.count
-        else:
-            self.base, self.count = rngs.params(), 0
+    def __init__(self, rngs: nnx.Rngs):
+        self.base, self.count = rngs.params(), 0
+        self.traced = isinstance(self.base, jax.core.Tracer)
+        self._seed = None if self.traced else [int(w) for w in np.asarray(jax.random.key_data(self.base)).ravel()]
 
     def params(self):
         self.count += 1
         return jax.random.fold_in(self.base, self.count)
 
+    def host_rng(self) -> np.random.Generator:
+        """A NumPy generator for the next parameter (eager construction only)."""
+        self.count += 1
+        return np.random.default_rng(self._seed + [self.count])
+
+
+def param_keys(rngs: "nnx.Rngs | ParamKeys") -> ParamKeys:
+    """The ParamKeys stream to hand down a module tree (the same object if it already is one)."""
+    return rngs if isinstance(rngs, ParamKeys) else ParamKeys(rngs)
+
 
 def annotated_param(rngs: "nnx.Rngs | ParamKeys | None", init, shape, axes, param_dtype, param_type=nnx.Param):
     """Create a parameter of `shape` carrying logical axis names `axes` (one per dim)."""
     assert len(axes) == len(shape), (axes, shape)
-    init = nnx.with_partitioning(init, tuple(axes))
+    if isinstance(rngs, nnx.Rngs):
+        rngs = ParamKeys(rngs)
+    shape = tuple(int(d) for d in shape)
+    if isinstance(init, Init) and not (init.random and (rngs is None or rngs.traced)):
+        rng = rngs.host_rng() if init.random else None
+        value = jnp.asarray(init.host(rng, shape, np.dtype(param_dtype)))
+        return param_type(value, out_sharding=tuple(axes))
     key = rngs.params() if rngs is not None else jax.random.key(0)
-    return param_type(init(key, shape, param_dtype))
+    return param_type(nnx.with_partitioning(init, tuple(axes))(key, shape, param_dtype))
 
 
 class Linear(nnx.Module):
@@ -57,12 +122,10 @@ class Linear(nnx.Module):
 
     def __init__(self, in_features, out_features, *, axes, use_bias=True, dtype=None,
                  param_dtype=jnp.float32, kernel_init=None, bias_init=None, rngs: nnx.Rngs):
-        kernel_init = kernel_init or torch_default_linear_init()
+        kernel_init = kernel_init or torch_default_init(in_features)
         self.kernel = annotated_param(rngs, kernel_init, (in_features, out_features), axes, param_dtype)
         if use_bias:
-            if bias_init is None:
-                bound = 1.0 / float(in_features) ** 0.5
-                bias_init = lambda k, s, d: jax.random.uniform(k, s, d, -bound, bound)  # noqa: E731
+            bias_init = bias_init or torch_default_init(in_features)
             self.bias = annotated_param(rngs, bias_init, (out_features,), (axes[1],), param_dtype)
         else:
             self.bias = None
@@ -80,7 +143,7 @@ class Embed(nnx.Module):
     """Lookup table `weight` (rows, dim) annotated with logical axes."""
 
     def __init__(self, rows, dim, *, axes, std=0.02, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.weight = annotated_param(rngs, nnx.initializers.normal(std), (rows, dim), axes, param_dtype)
+        self.weight = annotated_param(rngs, normal_init(std), (rows, dim), axes, param_dtype)
 
     def __call__(self, ids, dtype):
         return jnp.take(self.weight[...], ids, axis=0).astype(dtype)
@@ -90,7 +153,7 @@ class RMSNorm(nnx.Module):
     """Qwen2 RMSNorm (§3.1): stats in fp32, cast back to input dtype before multiplying by the weight."""
 
     def __init__(self, dim, *, eps, axis_name="norm", param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
-        self.weight = annotated_param(None, nnx.initializers.ones, (dim,), (axis_name,), param_dtype)
+        self.weight = annotated_param(None, constant_init(1.0), (dim,), (axis_name,), param_dtype)
         self.eps = eps
 
     def __call__(self, x):
@@ -104,8 +167,8 @@ class LayerNorm(nnx.Module):
     """LayerNorm with weight and bias (torch semantics), statistics in fp32."""
 
     def __init__(self, dim, *, eps, axis_name="norm", param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
-        self.weight = annotated_param(None, nnx.initializers.ones, (dim,), (axis_name,), param_dtype)
-        self.bias = annotated_param(None, nnx.initializers.zeros, (dim,), (axis_name,), param_dtype)
+        self.weight = annotated_param(None, constant_init(1.0), (dim,), (axis_name,), param_dtype)
+        self.bias = annotated_param(None, constant_init(0.0), (dim,), (axis_name,), param_dtype)
         self.eps = eps
 
     def __call__(self, x):

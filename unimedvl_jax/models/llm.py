@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unimedvl_jax.models.attention import TokenMeta, packed_attention
-from unimedvl_jax.models.layers import (Embed, Linear, RMSNorm, SwiGLU, apply_rope, dtype_of,
+from unimedvl_jax.models.layers import (Embed, Linear, RMSNorm, SwiGLU, apply_rope, dtype_of, normal_init, param_keys,
                                         rope_cos_sin)
 from unimedvl_jax.models.routing import apply_experts, gather_tokens, scatter_tokens
 
@@ -130,10 +130,11 @@ class Qwen2ForCausalLM(nnx.Module):
 
     def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.dtype = dtype_of(dtype) or jnp.float32
+        rngs = param_keys(rngs)
         self.model = Qwen2Model(cfg, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False,
                               dtype=self.dtype, param_dtype=param_dtype,
-                              kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+                              kernel_init=normal_init(0.02), rngs=rngs)
         self.cfg = cfg
 
     def embed(self, ids):

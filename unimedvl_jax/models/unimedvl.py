@@ -11,7 +11,7 @@ from unimedvl_jax.config import validate_model_config
 from unimedvl_jax.models.attention import TokenMeta
 from unimedvl_jax.models.bridges import (PositionEmbedding, TimestepEmbedder, patchify_latent_tokens,
                                          shift_timestep)
-from unimedvl_jax.models.layers import GeluMLP, Linear, ParamKeys, dtype_of
+from unimedvl_jax.models.layers import GeluMLP, Linear, constant_init, dtype_of, param_keys
 from unimedvl_jax.models.llm import Qwen2ForCausalLM
 from unimedvl_jax.models.vae import AutoEncoder
 from unimedvl_jax.models.vit import SiglipVisionModel
@@ -48,7 +48,7 @@ class UniMedVL(nnx.Module):
         dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self.dtype = dtype
         hidden = cfg.llm.hidden_size
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=ParamKeys(rngs))
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=param_keys(rngs))
         self.language_model = Qwen2ForCausalLM(cfg.llm, **kw)
         self.vit_model = SiglipVisionModel(cfg.vit, **kw)
         self.connector = GeluMLP(cfg.vit.hidden_size, hidden, hidden, axes_in="vit_embed", axes_hidden="embed_in",
@@ -60,7 +60,7 @@ class UniMedVL(nnx.Module):
         self.vae2llm = Linear(self.patch_latent_dim, hidden, axes=("latent", "embed"), **kw)
         # llm2vae is zero-initialised when training from scratch (§3.11).
         self.llm2vae = Linear(hidden, self.patch_latent_dim, axes=("embed", "latent"),
-                              kernel_init=nnx.initializers.zeros, bias_init=nnx.initializers.zeros, **kw)
+                              kernel_init=constant_init(0.0), bias_init=constant_init(0.0), **kw)
         self.vae_model = AutoEncoder(cfg.vae, **kw)
 
     # --- sequence assembly (§4.4) -------------------------------------------------------------------

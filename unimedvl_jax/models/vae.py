@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unimedvl_jax.models.layers import annotated_param
+from unimedvl_jax.models.layers import annotated_param, constant_init, param_keys, torch_default_init
 
 CONV_AXES = ("conv_kh", "conv_kw", "vae_in", "vae_out")
 
@@ -22,22 +22,12 @@ def swish(x):
     return jax.nn.silu(x)
 
 
-def torch_conv_init(fan_in: int):
-    """PyTorch nn.Conv2d default init for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
 class Conv2d(nnx.Module):
     """NHWC 2-D convolution with kernel (kh, kw, in, out), symmetric integer padding and a bias."""
 
     def __init__(self, in_channels, out_channels, kernel_size, *, stride=1, padding=0, dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
-        init = torch_conv_init(in_channels * kernel_size * kernel_size)
+        init = torch_default_init(in_channels * kernel_size * kernel_size)
         self.kernel = annotated_param(rngs, init, (kernel_size, kernel_size, in_channels, out_channels),
                                       CONV_AXES, param_dtype)
         self.bias = annotated_param(rngs, init, (out_channels,), ("vae_out",), param_dtype)
@@ -60,8 +50,8 @@ class GroupNorm(nnx.Module):
     def __init__(self, num_channels, *, num_groups, eps, param_dtype=jnp.float32):
         if num_channels % num_groups:
             raise ValueError(f"GroupNorm: {num_channels} channels not divisible by {num_groups} groups")
-        self.weight = annotated_param(None, nnx.initializers.ones, (num_channels,), ("vae_norm",), param_dtype)
-        self.bias = annotated_param(None, nnx.initializers.zeros, (num_channels,), ("vae_norm",), param_dtype)
+        self.weight = annotated_param(None, constant_init(1.0), (num_channels,), ("vae_norm",), param_dtype)
+        self.bias = annotated_param(None, constant_init(0.0), (num_channels,), ("vae_norm",), param_dtype)
         self.num_groups = num_groups
         self.eps = eps
 
@@ -249,6 +239,7 @@ class AutoEncoder(nnx.Module):
         if cfg.downsample != expected:
             raise ValueError(f"vae.downsample={cfg.downsample} but ch_mult={list(cfg.ch_mult)} downsamples by "
                              f"2**(len(ch_mult)-1) = {expected}")
+        rngs = param_keys(rngs)
         self.encoder = Encoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.decoder = Decoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.scale_factor = float(cfg.scale_factor)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unimedvl_jax.models.attention import packed_attention, segment_meta
-from unimedvl_jax.models.layers import Embed, GeluMLP, LayerNorm, Linear, dtype_of
+from unimedvl_jax.models.layers import Embed, GeluMLP, LayerNorm, Linear, dtype_of, param_keys
 
 
 class SiglipEmbeddings(nnx.Module):
@@ -87,7 +87,8 @@ class SiglipVisionModel(nnx.Module):
 
     def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.dtype = dtype_of(dtype) or jnp.float32
-        self.vision_model = SiglipVisionTransformer(cfg, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+        self.vision_model = SiglipVisionTransformer(cfg, dtype=self.dtype, param_dtype=param_dtype,
+                                                    rngs=param_keys(rngs))
 
     def __call__(self, patches, position_ids, image_ids, *, backend="dense", block_size=512):
         """patches (P, p*p*3), flattened position ids (P,), image id per patch (P,) -> features (P, hidden)."""
