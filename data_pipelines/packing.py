@@ -141,6 +141,13 @@ class Packer:
         self.stats.packs += 1
         return [pack]
 
+    def discard_open(self) -> int:
+        """Drop the open pack's samples without emitting them (their stream is rewound by the caller)."""
+        n = len(self._open)
+        self._open, self._used = [], dict.fromkeys(COUNT_BUDGETS, 0)
+        self.stats.samples -= n
+        return n
+
     def pack_all(self, plans):
         """Iterate the packs of `plans` (flushing at the end)."""
         for plan in plans:

@@ -17,3 +17,8 @@ OFFICIAL = pathlib.Path(__file__).parent / "fixtures" / "official"
 def official_dir() -> pathlib.Path:
     """Directory holding the official tiny checkpoint and recorded fixtures (copied from shared/reference)."""
     return OFFICIAL
+
+# grain worker processes parse absl flags on start; mark them parsed (DESIGN.md library notes).
+from absl import flags as _absl_flags  # noqa: E402
+
+_absl_flags.FLAGS.mark_as_parsed()

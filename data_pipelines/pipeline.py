@@ -1,0 +1,185 @@
+"""The Grain input pipeline: shards → per-process share → shuffle → decode/validate/plan (worker processes) →
+per-stage task mixture → packing into static-shape PackedBatches tagged with their curriculum stage.
+
+* Each task family (understanding / generation / interleaved) is its own grain MapDataset; a stage's stream is
+  `MapDataset.mix` of them with that stage's weights (train/curriculum.py). The stage of batch k is the stage of
+  train step `start_step + k`, so the mixture switches exactly at the stage boundary steps.
+* Each JAX process reads a disjoint share (`source[index::count]`) before shuffling.
+* Decoding, validation, image transforms, tokenisation and planning run in grain worker processes
+  (`num_workers`); packing runs in the consuming process.
+* Bad records are skipped, logged with their record id and counted by reason; the pipeline continues.
+* State (`get_state` / `set_state`, JSON-serialisable) = the step, plus the stage stream's grain iterator state
+  *before* the sample still waiting in the packer, so restoring re-reads that sample and resumes exactly.
+  A sample waiting at a stage boundary belongs to the old stage's stream and is left there (that stream is
+  finished); no sample inside a stage is lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+
+import grain
+import numpy as np
+
+from data_pipelines.bad_records import BadRecordCounter
+from data_pipelines.packing import Packer
+from data_pipelines.schema import BadRecord, Record
+from unimedvl_jax.train.curriculum import TASKS, StageSchedule
+
+log = logging.getLogger(__name__)
+
+
+def record_bytes(element) -> bytes:
+    """The serialised record of a source element (a TFDS example dict or raw bytes)."""
+    if isinstance(element, dict):
+        value = element["record"]
+    else:
+        value = element
+    return value.tobytes() if isinstance(value, np.ndarray) else bytes(value)
+
+
+class IndexedSource:
+    """A random-access view of `source` at `indices` (picklable when `source` is)."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[int(self.indices[i])]
+
+
+def split_by_task(source) -> dict[str, IndexedSource]:
+    """Per-task views of one source, using each element's 'task' field (decoding the record if absent)."""
+    by_task = collections.defaultdict(list)
+    for i in range(len(source)):
+        element = source[i]
+        task = element.get("task") if isinstance(element, dict) else None
+        if task is None:
+            task = Record.from_bytes(record_bytes(element), record_id=f"index {i}").task
+        by_task[task.decode() if isinstance(task, bytes) else str(task)].append(i)
+    unknown = set(by_task) - set(TASKS)
+    if unknown:
+        raise ValueError(f"source has records of unknown tasks {sorted(unknown)}")
+    return {t: IndexedSource(source, idx) for t, idx in by_task.items()}
+
+
+class DecodeAndPlan:
+    """Worker-side transform: element → ('plan', task, SamplePlan) or ('bad', reason, record_id, detail)."""
+
+    def __init__(self, planner):
+        self.planner = planner
+
+    def __call__(self, element, rng: np.random.Generator):
+        record_id = element.get("id", b"?") if isinstance(element, dict) else "?"
+        record_id = record_id.decode() if isinstance(record_id, bytes) else str(record_id)
+        try:
+            record = Record.from_bytes(record_bytes(element), record_id=record_id).validate()
+            return ("plan", record.task, self.planner(record, rng))
+        except BadRecord as e:
+            return ("bad", e.reason, e.record_id, e.detail)
+
+
+class PackedBatchIterator:
+    """Iterator of numpy PackedBatches with checkpointable state; one batch per train step."""
+
+    def __init__(self, task_sources: dict, schedule: StageSchedule, planner, packer: Packer, *, seed: int = 0,
+                 shard_index: int = 0, shard_count: int = 1, num_workers: int = 0, start_step: int = 0,
+                 worker_buffer_size: int = 8):
+        missing = {t for w in schedule.weights for t, v in w.items() if v > 0} - set(task_sources)
+        if missing:
+            raise ValueError(f"the curriculum mixes {sorted(missing)} but no source provides them")
+        if not 0 <= shard_index < shard_count:
+            raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+        self.schedule, self.packer, self.seed = schedule, packer, seed
+        self.num_workers, self.worker_buffer_size = num_workers, worker_buffer_size
+        self.bad_records = BadRecordCounter()
+        self.tasks_seen = collections.Counter()
+        self.last_pack = None
+        self.last_pack_tasks: list[str] = []
+        self._datasets = {}
+        for k, task in enumerate(sorted(task_sources)):
+            share = grain.MapDataset.source(task_sources[task])[shard_index::shard_count]
+            if len(share) == 0:
+                raise ValueError(f"process {shard_index}/{shard_count} gets no {task} records")
+            self._datasets[task] = (share.shuffle(seed=seed + 7919 * k).repeat()
+                                    .random_map(DecodeAndPlan(planner), seed=seed + 104729 * k))
+        self.step = start_step
+        self._stage = None
+        self._iterator = None
+        self._pending_tasks: list[str] = []
+        self._resume_state = None
+
+    # -- streams -------------------------------------------------------------------------------------------
+    def _stage_iterator(self, stage: int):
+        weights = self.schedule.weights[stage]
+        tasks = [t for t in sorted(self._datasets) if weights.get(t, 0) > 0]
+        mixed = grain.MapDataset.mix([self._datasets[t] for t in tasks], [weights[t] for t in tasks])
+        ds = mixed.to_iter_dataset()
+        if self.num_workers > 0:
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers,
+                                                             per_worker_buffer_size=self.worker_buffer_size))
+        return iter(ds)
+
+    def _enter_stage(self, stage: int, iterator_state=None):
+        self._stage, self._iterator = stage, self._stage_iterator(stage)
+        if iterator_state is not None:
+            self._iterator.set_state(copy.deepcopy(iterator_state))
+        self.packer.discard_open()  # a sample waiting from the previous stage stays with that stage's stream
+        self._pending_tasks = []
+        self._resume_state = self._iterator.get_state()
+
+    # -- iteration -----------------------------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        stage = self.schedule.stage_at(self.step)
+        if stage != self._stage:
+            self._enter_stage(stage)
+        while True:
+            before = self._iterator.get_state()
+            item = next(self._iterator)
+            if item[0] == "bad":
+                self.bad_records.add(BadRecord(item[1], item[2], item[3]))
+                continue
+            _, task, plan = item
+            rejected = self.packer.stats.rejected
+            done = self.packer.add(plan)
+            if self.packer.stats.rejected != rejected:
+                continue
+            if not done:
+                self._pending_tasks.append(task)
+                continue
+            # `plan` did not fit: it opens the next pack, so the resume point is just before it.
+            pack = done[0]
+            self.last_pack, self.last_pack_tasks = pack, self._pending_tasks
+            self.tasks_seen.update(self._pending_tasks)
+            self._pending_tasks, self._resume_state = [task], before
+            batch = pack.batch.replace(stage=np.asarray(stage, np.int32))
+            self.step += 1
+            return batch
+
+    # -- checkpointing -------------------------------------------------------------------------------------
+    def get_state(self) -> dict:
+        """JSON-serialisable state: resume at `step`, re-reading the sample waiting in the packer."""
+        return {"step": int(self.step), "stage": self._stage,
+                "iterator": copy.deepcopy(self._resume_state)}
+
+    def set_state(self, state: dict) -> None:
+        """Restore a state from get_state (on a freshly built or a running iterator)."""
+        self.step = int(state["step"])
+        if state["stage"] is None:
+            self._stage, self._iterator = None, None
+            return
+        self._enter_stage(int(state["stage"]), state["iterator"])
+
+    def stats(self) -> dict:
+        """Counters: batches, samples per task, packer stats, bad records by reason."""
+        return {"step": self.step, "tasks": dict(self.tasks_seen), "packer": dict(
+            samples=self.packer.stats.samples, packs=self.packer.stats.packs, rejected=self.packer.stats.rejected,
+            rejected_by_budget=dict(self.packer.stats.rejected_by_budget)), "bad_records": self.bad_records.as_dict()}

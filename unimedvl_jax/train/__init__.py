@@ -1,0 +1,1 @@
+"""Training: curriculum, (later) optimizer, train step, loop and checkpointing."""
