@@ -3,6 +3,8 @@
 import ml_collections
 
 from unimedvl_jax import config as C
+from unimedvl_jax.data_config import data_config
+from unimedvl_jax.train.curriculum import curriculum_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -20,4 +22,6 @@ def get_config() -> ml_collections.ConfigDict:
             bos_token_id=1000, eos_token_id=1001, start_of_image=1002, end_of_image=1003)),
         attention_block_size=128,
     )
+    cfg.data = data_config()
+    cfg.curriculum = curriculum_config(steps=(20, 20, 20))
     return cfg

@@ -3,6 +3,8 @@
 import ml_collections
 
 from unimedvl_jax import config as C
+from unimedvl_jax.data_config import data_config
+from unimedvl_jax.train.curriculum import curriculum_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -19,4 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
         attention_backend="chunked",
         remat=True,
     )
+    # BAGEL fine-tune token budget (§7.2: expected 10240, max 11520 tokens per pack); transforms of §5.5/§6.
+    cfg.data = data_config(
+        max_tokens=11520, und_capacity=11520, gen_capacity=8192, max_ce=8192, max_vit_patches=8192,
+        max_vae_tokens=8192, max_vae_images=16, vae_image_size=(1024, 1024),
+        vit_transform=dict(max_size=980, min_size=378, stride=14, max_pixels=2_007_040),
+        vae_transform=dict(max_size=1024, min_size=512, stride=16, max_pixels=14 * 14 * 9 * 1024))
+    cfg.curriculum = curriculum_config(steps=(85_000, 120_000, 70_000))  # §7.1
     return cfg

@@ -228,7 +228,7 @@ def check_pack(pack: Pack, plans: dict, budgets: PackBudgets):
     for s in np.unique(b.split_id):
         assert len(np.unique(b.split_mode[b.split_id == s])) == 1
     # Per sample: tokens, positions and modes are the plan's.
-    offset, vit_rows, vae_rows, images = 0, [], [], []
+    offset, vit_rows, images = 0, [], []
     for s, rid in enumerate(pack.record_ids):
         p = plans[rid]
         sl = slice(offset, offset + p.num_tokens)

@@ -1,0 +1,92 @@
+"""Build ArrayRecord shards of unimed-mini or of a JSONL manifest (cached: a second run is a no-op).
+
+    python -m data_pipelines.build --dataset unimed-mini --data-dir DIR [--shard-records N]
+    python -m data_pipelines.build --dataset manifest --manifest FILE --data-dir DIR [--shard-records N]
+
+Prints the dataset directory, per-split / per-task / per-modality counts, bad records by reason and shard bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import sys
+import time
+
+from data_pipelines import tfds_builder
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(prog="unimedvl-build-data", description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", choices=("unimed-mini", "manifest"), required=True)
+    p.add_argument("--data-dir", required=True, type=pathlib.Path, help="TFDS data directory to write into")
+    p.add_argument("--manifest", type=pathlib.Path, help="JSONL manifest (with --dataset manifest)")
+    p.add_argument("--shard-records", type=int, default=None,
+                   help="records per ArrayRecord shard (default: TFDS size-based sharding, one shard < 64 MiB)")
+    p.add_argument("--max-examples-per-split", type=int, default=None, help="truncate each split (trial builds)")
+    p.add_argument("--max-side", type=int, default=None, help="unimed-mini: longest image side (default 256)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the dataset is already prepared")
+    args = p.parse_args(argv)
+    if args.dataset == "manifest" and args.manifest is None:
+        p.error("--dataset manifest needs --manifest FILE")
+    if args.dataset == "unimed-mini" and args.manifest is not None:
+        p.error("--manifest only applies to --dataset manifest")
+    if args.shard_records is not None and args.shard_records < 1:
+        p.error("--shard-records must be >= 1")
+    return args
+
+
+def make_source(args: argparse.Namespace):
+    """Record source selected by the options."""
+    if args.dataset == "manifest":
+        return tfds_builder.ManifestSource(args.manifest)
+    from data_pipelines.sources import unimed_mini
+
+    return tfds_builder.UnimedMiniSource(args.max_side or unimed_mini.MAX_SIDE)
+
+
+def _counts(counter: dict) -> str:
+    """'a=1 b=2' from a dict of counts."""
+    return " ".join(f"{k}={v}" for k, v in counter.items()) or "-"
+
+
+def summary(path: pathlib.Path) -> str:
+    """Human-readable counts of a built dataset directory (from its metadata and shard files)."""
+    meta = tfds_builder.read_metadata(path)
+    lines = [f"dataset: {path}"]
+    for split, s in meta.get("splits", {}).items():
+        shards = sorted(path.glob(f"{tfds_builder.DATASET}-{split}.array_record-*"))
+        lines.append(f"  {split:5s} records={s['records']} unique_images={s['unique_images']} "
+                     f"shards={len(shards)} bytes={sum(f.stat().st_size for f in shards)}")
+        lines.append(f"        task:     {_counts(s['task'])}")
+        lines.append(f"        kind:     {_counts(s['kind'])}")
+        lines.append(f"        modality: {_counts(s['modality'])}")
+        lines.append(f"        images by modality: {_counts(s['unique_images_by_modality'])}")
+    bad = meta.get("bad_records", {})
+    lines.append(f"  bad records: {bad.get('total', 0)} {_counts(bad.get('by_reason', {}))}")
+    for reason, examples in bad.get("examples", {}).items():
+        lines.extend(f"    {example}" for example in examples)
+    total = sum(f.stat().st_size for f in path.glob(f"{tfds_builder.DATASET}-*.array_record-*"))
+    lines.append(f"  total shard bytes: {total}; build seconds: {meta.get('build_seconds', '?')}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Entry point of `python -m data_pipelines.build` / unimedvl-build-data."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    start = time.time()
+    source = make_source(args)
+    print(f"building {source.name} into {args.data_dir} ...", flush=True)
+    builder, generated = tfds_builder.build(source, args.data_dir, records_per_shard=args.shard_records,
+                                            max_examples_per_split=args.max_examples_per_split, force=args.force)
+    path = pathlib.Path(builder.data_dir)
+    print(("built" if generated else "already built (cached, nothing to do)") + f" in {time.time() - start:.1f}s")
+    print(summary(path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""From config to a running input pipeline: open the built shards, get a tokenizer, build the iterator."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+from data_pipelines import tfds_builder
+from data_pipelines.packing import Packer
+from data_pipelines.pipeline import PackedBatchIterator, record_bytes, split_by_task
+from data_pipelines.sample_plan import Planner
+from data_pipelines.schema import BadRecord, Record
+from unimedvl_jax.tokenizers import SentencePieceTokenizer, load_tokenizer
+from unimedvl_jax.train.curriculum import StageSchedule
+
+log = logging.getLogger(__name__)
+
+
+def open_split(data_cfg, split: str):
+    """Random-access source of one split of the dataset named by data_cfg (data_dir, dataset)."""
+    path = tfds_builder.dataset_dir(data_cfg.data_dir, data_cfg.dataset)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: dataset not built; run `python -m data_pipelines.build --dataset "
+                                f"unimed-mini --data-dir {data_cfg.data_dir}` (or --dataset manifest ...)")
+    return tfds_builder.data_source(path, split)
+
+
+def corpus_texts(source) -> list[str]:
+    """Every text segment of a source's records (bad records skipped), for training a tokenizer."""
+    texts = []
+    for i in range(len(source)):
+        try:
+            record = Record.from_bytes(record_bytes(source[i]), record_id=f"index {i}")
+        except BadRecord:
+            continue
+        texts.extend(s.text for s in record.segments if s.kind == "text" and s.text)
+    return texts
+
+
+def get_tokenizer(data_cfg, model_cfg, *, workdir: str | None = None):
+    """data_cfg.tokenizer if set; else a SentencePiece model trained on the train split (cached in workdir)."""
+    if data_cfg.tokenizer:
+        return load_tokenizer(data_cfg.tokenizer)
+    cached = os.path.join(workdir, "tokenizer") if workdir else None
+    if cached and os.path.isdir(cached):
+        return load_tokenizer(cached)
+    texts = corpus_texts(open_split(data_cfg, data_cfg.train_split))
+    tok = SentencePieceTokenizer.train(texts, vocab_size=model_cfg.llm.vocab_size,
+                                       special_ids=dict(model_cfg.special_tokens))
+    log.info("trained a %d-piece SentencePiece tokenizer on %d texts", tok.vocab_size, len(texts))
+    if cached:
+        tok.save(cached)
+    return tok
+
+
+def make_iterator(cfg, tokenizer, *, split: str | None = None, start_step: int = 0, shard_index: int | None = None,
+                  shard_count: int | None = None, num_workers: int | None = None) -> PackedBatchIterator:
+    """The PackedBatch iterator of cfg (model, data, curriculum) for this JAX process's share."""
+    data_cfg = cfg.data
+    source = open_split(data_cfg, split or data_cfg.train_split)
+    return PackedBatchIterator(
+        split_by_task(source), StageSchedule.from_config(cfg.curriculum),
+        Planner.from_config(data_cfg, cfg.model, tokenizer), Packer.from_config(data_cfg, cfg.model),
+        seed=int(data_cfg.seed), start_step=start_step,
+        shard_index=jax.process_index() if shard_index is None else shard_index,
+        shard_count=jax.process_count() if shard_count is None else shard_count,
+        num_workers=int(data_cfg.num_workers if num_workers is None else num_workers))

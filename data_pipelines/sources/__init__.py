@@ -1,0 +1,1 @@
+"""Embedded real-image data sources (unimed-mini) and their task wording."""

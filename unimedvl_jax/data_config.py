@@ -1,0 +1,31 @@
+"""Data section of the experiment config: pack budgets (static PackedBatch shapes), image transforms (§6),
+CFG dropout (§4.5) and where the shards live. Shared by configs/*.py."""
+
+from __future__ import annotations
+
+import ml_collections
+
+DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024  # §6.4
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    """Pack budgets and transforms; defaults are the tiny CPU sizes."""
+    c = ml_collections.ConfigDict(dict(
+        # Static pack shapes: T tokens, MoT capacities, CE positions, ViT patches, VAE tokens/images/size.
+        max_tokens=1024, und_capacity=1024, gen_capacity=512, max_ce=512, max_vit_patches=1024,
+        max_vae_tokens=512, max_vae_images=8, vae_image_size=(128, 128),
+        # ViT: side 224 = 16 patches (= the tiny table side); VAE: stride = downsample·latent_patch_size = 16.
+        vit_transform=dict(max_size=224, min_size=112, stride=14, max_pixels=DEFAULT_MAX_PIXELS),
+        vae_transform=dict(max_size=128, min_size=64, stride=16, max_pixels=DEFAULT_MAX_PIXELS),
+        cfg_dropout=dict(text=0.1, vit=0.3, vae=0.3),  # BAGEL training-script values (§4.5)
+        special_token_loss=False,
+        # Shards: a TFDS data dir and dataset directory name (python -m data_pipelines.build ...).
+        data_dir="data",
+        dataset="unimed_mini",  # builder config name: unimed_mini or manifest_<stem>_<hash>
+        tokenizer="",  # tokenizer.json / SentencePiece dir; empty = train SentencePiece on the train split
+        train_split="train",
+        num_workers=0,
+        seed=0,
+    ))
+    c.update(overrides)
+    return c
