@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 
 from data_pipelines.schema import pil_to_rgb
+from unimedvl_jax.models.bridges import patchify
 
 DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024  # 1,806,336 (§6.4)
 
@@ -57,8 +58,7 @@ def patchify_vit(image_hwc: np.ndarray, patch: int) -> np.ndarray:
     h, w, c = image_hwc.shape
     if h % patch or w % patch:
         raise ValueError(f"image {h}x{w} is not divisible by the patch size {patch}")
-    x = image_hwc.reshape(h // patch, patch, w // patch, patch, c).transpose(0, 2, 1, 3, 4)
-    return x.reshape((h // patch) * (w // patch), patch * patch * c)
+    return patchify(image_hwc, patch)
 
 
 @dataclasses.dataclass(frozen=True)

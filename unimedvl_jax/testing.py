@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from unimedvl_jax.models.attention import CAUSAL, FULL, NOISE
+from unimedvl_jax.models.bridges import patchify
 from unimedvl_jax.packed_batch import PAD, TEXT, VAE, VIT, PackedBatch
 
 CAPACITY_KEYS = ("und", "gen", "ce", "vit", "vae", "vae_images")
@@ -167,8 +168,7 @@ def build_packed_batch(samples, cfg_model, *, pad_to: int | None = None, capacit
                 pixels = np.asarray(pixels, np.float32)
                 if pixels.shape != (h * vp, w * vp, vc):
                     raise ValueError(f"{where}: pixels of shape {pixels.shape}, expected {(h * vp, w * vp, vc)}")
-                # (h, p, w, p, C) -> (h, w, p, p, C): features in (row-in-patch, col-in-patch, channel) order.
-                vit_patches.append(pixels.reshape(h, vp, w, vp, vc).transpose(0, 2, 1, 3, 4).reshape(h * w, -1))
+                vit_patches.append(patchify(pixels, vp))
                 r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
                 vit_pos.extend((r * vit_side + c).reshape(-1)), vit_img.extend([n_vit_images] * (h * w))
                 n_vit_images += 1

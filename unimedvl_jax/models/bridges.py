@@ -91,12 +91,21 @@ def unpatchify_latent(tokens, h: int, w: int, patch: int, channels: int):
     return x.transpose(0, 2, 1, 3, 4).reshape(h * patch, w * patch, channels)
 
 
-def patchify_latent(latent, patch: int):
-    """Patchify one latent (p·h, p·w, C) to (h·w, p·p·C) tokens in raster order (the inverse of unpatchify)."""
-    hp, wp, c = latent.shape
+def patchify(x, patch: int):
+    """(p·h, p·w, C) -> (h·w, p·p·C) in raster order, features (row-in-patch, col-in-patch, channel).
+
+    The ordering shared by the ViT patches (§3.5) and the latent tokens (§3.10); works on numpy and jax arrays.
+    """
+    hp, wp, c = x.shape
     h, w = hp // patch, wp // patch
-    x = latent[: h * patch, : w * patch].reshape(h, patch, w, patch, c)
-    return x.transpose(0, 2, 1, 3, 4).reshape(h * w, patch * patch * c)
+    x = x.reshape(h, patch, w, patch, c).transpose(0, 2, 1, 3, 4)
+    return x.reshape(h * w, patch * patch * c)
+
+
+def patchify_latent(latent, patch: int):
+    """Patchify one latent cropped to whole patches (the inverse of unpatchify_latent)."""
+    hp, wp, _ = latent.shape
+    return patchify(latent[: hp - hp % patch, : wp - wp % patch], patch)
 
 
 def shift_timestep(t, shift: float):
