@@ -1,0 +1,109 @@
+"""Device mesh and the logical-axis → mesh-axis rules tables (DESIGN.md "Sharding is a table").
+
+Every parameter carries logical axis names (models/layers.annotated_param). A rules table maps each logical name
+to a mesh axis (or None = replicated along that dim). `partition_spec` resolves one parameter: a mesh axis is used
+at most once per parameter (first dim wins) and only where it divides the dimension — otherwise that dim stays
+replicated, so every table works for every shape (tiny configs included).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis names used by the model, grouped for the tables below.
+RULES = {
+    # Pure data parallelism: every parameter replicated.
+    "dp": {},
+    # ZeRO-3 style: shard the model (hidden) dimension of every matrix and table over fsdp.
+    "fsdp": {"embed": "fsdp", "vit_embed": "fsdp", "embed_in": "fsdp", "vocab": "fsdp", "vae_in": "fsdp"},
+    # FSDP on the hidden dimension + Megatron-style tensor parallelism on heads / MLP / vocab.
+    "fsdp_tensor": {"embed": "fsdp", "vit_embed": "fsdp", "embed_in": "fsdp", "vae_in": "fsdp",
+                    "q_heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor",
+                    "vit_heads": "tensor", "vit_mlp": "tensor"},
+}
+
+
+def make_mesh(shape, devices=None) -> Mesh:
+    """Mesh over (data, fsdp, tensor); one entry may be -1 (= the remaining devices). Axis types are Auto."""
+    shape = [int(s) for s in shape]
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
+    devices = list(devices if devices is not None else jax.devices())
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape}: at most one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {shape}: {len(devices)} devices not divisible by {known}")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, have {len(devices)}")
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def rules_table(name_or_table) -> dict:
+    """A rules table by name ('dp', 'fsdp', 'fsdp_tensor') or given as a mapping."""
+    if isinstance(name_or_table, str):
+        if name_or_table not in RULES:
+            raise ValueError(f"unknown sharding rules {name_or_table!r}; choose from {sorted(RULES)}")
+        return RULES[name_or_table]
+    return dict(name_or_table)
+
+
+def partition_spec(axes, shape, rules, mesh: Mesh) -> PartitionSpec:
+    """The PartitionSpec of one parameter with logical `axes` and `shape` under `rules` on `mesh`."""
+    spec, used = [], set()
+    for name, dim in zip(axes, shape):
+        axis = rules.get(name)
+        if axis is None or axis in used or dim % mesh.shape[axis]:
+            spec.append(None)
+            continue
+        spec.append(axis)
+        used.add(axis)
+    return PartitionSpec(*spec)
+
+
+def state_shardings(state: nnx.State, rules, mesh: Mesh):
+    """NamedShardings for every variable of an (abstract or concrete) nnx.State, from its logical axes."""
+    rules = rules_table(rules)
+
+    def one(var):
+        value = var.get_value()
+        axes = var.get_metadata().get("out_sharding") or (None,) * len(value.shape)
+        return var.replace(NamedSharding(mesh, partition_spec(axes, value.shape, rules, mesh)))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model, rules, mesh: Mesh):
+    """Place every variable of `model` on its sharding (one tensor at a time) and return the model."""
+    state = nnx.state(model)
+    shardings = state_shardings(state, rules, mesh)
+    placed = jax.tree.map(lambda v, s: v.replace(jax.device_put(v.get_value(), s.get_value())), state, shardings,
+                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+    nnx.update(model, placed)
+    return model
+
+
+def describe(model, mesh: Mesh) -> dict[str, str]:
+    """{parameter path: partition spec} for logging and tests."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        value = var.get_value()
+        sharding = getattr(value, "sharding", None)
+        out[".".join(map(str, path))] = str(sharding.spec if isinstance(sharding, NamedSharding) else None)
+    return out
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a (batch, ...) input: the batch axis over (data, fsdp), the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
