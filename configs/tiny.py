@@ -5,6 +5,7 @@ import ml_collections
 from unimedvl_jax import config as C
 from unimedvl_jax.data_config import data_config
 from unimedvl_jax.train.curriculum import curriculum_config
+from unimedvl_jax.train.optim_config import optim_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -24,4 +25,5 @@ def get_config() -> ml_collections.ConfigDict:
     )
     cfg.data = data_config()
     cfg.curriculum = curriculum_config(steps=(20, 20, 20))
+    cfg.optim = optim_config()
     return cfg

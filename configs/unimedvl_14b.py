@@ -5,6 +5,7 @@ import ml_collections
 from unimedvl_jax import config as C
 from unimedvl_jax.data_config import data_config
 from unimedvl_jax.train.curriculum import curriculum_config
+from unimedvl_jax.train.optim_config import optim_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -28,4 +29,5 @@ def get_config() -> ml_collections.ConfigDict:
         vit_transform=dict(max_size=980, min_size=378, stride=14, max_pixels=2_007_040),
         vae_transform=dict(max_size=1024, min_size=512, stride=16, max_pixels=14 * 14 * 9 * 1024))
     cfg.curriculum = curriculum_config(steps=(85_000, 120_000, 70_000))  # §7.1
+    cfg.optim = optim_config()
     return cfg

@@ -72,7 +72,13 @@ class StageSchedule:
 
 
 def curriculum_config(steps=(85_000, 120_000, 70_000)):
-    """The §7.1 curriculum with the published ratios (stage lengths overridable)."""
+    """The §7.1 curriculum with the published ratios (stage lengths overridable).
+
+    Per-stage training fields (one entry per stage; §7.1 lists them UNVERIFIED for UniMedVL, so BAGEL's §7.2
+    defaults are used): peak lr, warmup steps, schedule ('constant' | 'cosine') with min_lr, CE / MSE loss weights,
+    and the regex of trainable parameter paths (matched with re.search on 'a.b.0.c' JAX paths; the frozen VAE and
+    the fixed position tables are never trained).
+    """
     import ml_collections
 
     return ml_collections.ConfigDict(dict(
@@ -81,4 +87,11 @@ def curriculum_config(steps=(85_000, 120_000, 70_000)):
         mixture=dict(understanding=(0.75, 0.40, 0.37), generation=(0.25, 0.45, 0.35),
                      interleaved=(0.0, 0.10, 0.25)),
         remainder_policy="renormalise",
+        lr=(2e-5, 2e-5, 2e-5),
+        warmup_steps=(2000, 0, 0),
+        schedule=("constant", "constant", "constant"),
+        min_lr=(1e-7, 1e-7, 1e-7),
+        ce_weight=(1.0, 1.0, 1.0),
+        mse_weight=(1.0, 1.0, 1.0),
+        trainable=(r"^(?!vae_model\.)", r"^(?!vae_model\.)", r"^(?!vae_model\.)"),
     ))

@@ -1,0 +1,13 @@
+"""Optimizer section of the experiment config: BAGEL's training-script defaults (§7.2)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+    """AdamW β=(0.9, 0.95), eps 1e-15, no weight decay, clip 1.0, EMA 0.9999 from step 0 (§7.2)."""
+    c = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=1e-15, weight_decay=0.0, grad_clip=1.0,
+                                       ema_decay=0.9999))
+    c.update(overrides)
+    return c

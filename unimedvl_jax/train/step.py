@@ -1,0 +1,210 @@
+"""One jitted train step with the curriculum inside it (DESIGN.md "Curriculum is data").
+
+stage = searchsorted(boundaries, step, 'right') is computed in the step; per-stage values (loss weights,
+trainable masks) are arrays indexed by it; the learning rate is optax.join_schedules of per-stage pieces. So a run
+through every stage compiles the step once. A frozen group keeps its parameters, both Adam moments and its EMA
+bit-identical while frozen (weight decay included: the update is discarded, not scaled).
+
+Global batch = B packs, each a static-shape PackedBatch (leading axis B). Per §4.6 the loss is
+  ce_weight[stage] · Σce / N_ce + mse_weight[stage] · Σmse / N_mse
+with the counts taken over the whole global batch (all micro-batches when accumulating).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from unimedvl_jax.models.unimedvl import UniMedVL
+from unimedvl_jax.packed_batch import PackedBatch
+from unimedvl_jax.train.curriculum import StageSchedule
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training (a pytree; checkpointed as one item)."""
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: Any
+    ema: nnx.State
+    skipped: jax.Array               # total non-finite steps skipped
+    consecutive_skipped: jax.Array   # non-finite steps in a row (reset by a good step)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainTables:
+    """Per-stage tables and static pieces shared by init and the step."""
+
+    boundaries: np.ndarray   # (S-1,) first step of stages 1..S-1
+    ce_weight: np.ndarray    # (S,)
+    mse_weight: np.ndarray   # (S,)
+    trainable: Any           # params-shaped pytree of (S,) bool arrays
+    lr: Any                  # optax schedule over the global step
+
+
+def param_path(path) -> str:
+    """'a.b.0.c' from a jax key path into an nnx.State of Variables."""
+    parts = []
+    for k in path:
+        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
+        if name != "value":
+            parts.append(str(name))
+    return ".".join(parts)
+
+
+def stage_lr_schedule(cur, schedule: StageSchedule):
+    """optax.join_schedules of one piece per stage: linear warmup then constant or cosine to min_lr."""
+    pieces = []
+    for s, steps in enumerate(schedule.steps):
+        peak, warm, kind, floor = float(cur.lr[s]), int(cur.warmup_steps[s]), cur.schedule[s], float(cur.min_lr[s])
+        if kind == "constant":
+            body = optax.constant_schedule(peak)
+        elif kind == "cosine":
+            body = optax.cosine_decay_schedule(peak, max(steps - warm, 1), alpha=floor / peak if peak else 0.0)
+        else:
+            raise ValueError(f"curriculum.schedule[{s}]={kind!r} not in ('constant', 'cosine')")
+        pieces.append(optax.join_schedules([optax.linear_schedule(0.0, peak, warm), body], [warm]) if warm
+                      else body)
+    return optax.join_schedules(pieces, [int(b) for b in schedule.boundaries[:-1]])
+
+
+def make_tables(cfg, params: nnx.State) -> TrainTables:
+    """Per-stage loss weights, trainable masks and the LR schedule from cfg.curriculum."""
+    cur = cfg.curriculum
+    schedule = StageSchedule.from_config(cur)
+    n = len(schedule.steps)
+    for field in ("lr", "warmup_steps", "schedule", "min_lr", "ce_weight", "mse_weight", "trainable"):
+        if len(tuple(cur[field])) != n:
+            raise ValueError(f"curriculum.{field} has {len(tuple(cur[field]))} entries for {n} stages")
+    patterns = [re.compile(p) for p in cur.trainable]
+    trainable = jax.tree_util.tree_map_with_path(
+        lambda path, _: np.array([bool(p.search(param_path(path))) for p in patterns]), params)
+    if not any(bool(m.any()) for m in jax.tree.leaves(trainable)):
+        raise ValueError(f"curriculum.trainable {tuple(cur.trainable)} matches no parameter")
+    return TrainTables(boundaries=np.asarray(schedule.boundaries[:-1], np.int32),
+                       ce_weight=np.asarray(cur.ce_weight, np.float32),
+                       mse_weight=np.asarray(cur.mse_weight, np.float32),
+                       trainable=trainable, lr=stage_lr_schedule(cur, schedule))
+
+
+def make_optimizer(cfg, tables: TrainTables) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW with the joined per-stage LR schedule (§7.2 defaults in cfg.optim)."""
+    o = cfg.optim
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                       optax.adamw(tables.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+
+
+def init_train_state(params: nnx.State, tx) -> TrainState:
+    """TrainState for `params` (e.g. nnx.split(model, nnx.Param, ...)[1]); EMA starts as a copy of them."""
+    ema = jax.tree.map(jnp.copy, params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=ema,
+                      skipped=jnp.zeros((), jnp.int32), consecutive_skipped=jnp.zeros((), jnp.int32))
+
+
+def train_state_shardings(abstract_state: TrainState, param_shardings, mesh):
+    """Shardings of a TrainState: params and EMA from the rules, optimizer moments mirror the params,
+    scalars (step, counters, Adam count) replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    treedef = jax.tree.structure(abstract_state.params)
+
+    def is_params_like(x):
+        try:
+            return jax.tree.structure(x) == treedef
+        except TypeError:
+            return False
+
+    opt = jax.tree.map(lambda x: param_shardings if is_params_like(x) else jax.tree.map(lambda _: replicated, x),
+                       abstract_state.opt_state, is_leaf=is_params_like)
+    return TrainState(step=replicated, params=param_shardings, opt_state=opt, ema=param_shardings,
+                      skipped=replicated, consecutive_skipped=replicated)
+
+
+def compile_train_step(step_fn, state_shardings, batch_sharding):
+    """jax.jit of the step with in/out shardings (pjit semantics) and the old state donated."""
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, None),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def _select_params_like(keep_new, new, old, params_treedef):
+    """where(keep_new, new, old) on every params-shaped subtree of an optimizer state (mu, nu, ...)."""
+    def is_params_like(x):
+        try:
+            return jax.tree.structure(x) == params_treedef
+        except TypeError:
+            return False
+
+    def pick(n, o):
+        if is_params_like(n):
+            return jax.tree.map(lambda m, a, b: jnp.where(m, a, b), keep_new, n, o)
+        return n
+
+    return jax.tree.map(pick, new, old, is_leaf=is_params_like)
+
+
+def loss_counts(batch: PackedBatch):
+    """Global numbers of CE and MSE tokens, known from the batch before the forward (§4.6 normalisation)."""
+    length = batch.text_ids.shape[-1]
+    n_ce = jnp.sum(batch.ce_index < length)
+    n_mse = jnp.sum((batch.vae_token_index < length) & (batch.vae_timestep > -jnp.inf))
+    return n_ce, n_mse
+
+
+def make_train_step(graphdef, rest_state, tx, tables: TrainTables, cfg):
+    """The pure step function (state, batch, key) -> (state, metrics); jit it with shardings and donation."""
+    ema_decay = float(cfg.optim.ema_decay)
+    boundaries = jnp.asarray(tables.boundaries)
+    ce_w, mse_w = jnp.asarray(tables.ce_weight), jnp.asarray(tables.mse_weight)
+    patch_dim = cfg.model.latent_patch_size ** 2 * cfg.model.vae.z_channels
+
+    def forward_sums(params, pack: PackedBatch, key):
+        model = nnx.merge(graphdef, params, rest_state)
+        k_vae, k_noise = jax.random.split(key)
+        # Frozen VAE: latents of the zero-padded images with a posterior sample (§3.10, §9.1, §9.2).
+        latents = jax.lax.stop_gradient(model.vae_model.encode(pack.vae_images, key=k_vae))
+        noise = jax.random.normal(k_noise, (pack.vae_token_index.shape[0], patch_dim), jnp.float32)
+        out = model(pack, latents, noise)
+        return jnp.sum(out.ce * pack.ce_weight), jnp.sum(out.mse)
+
+    def loss_fn(params, batch: PackedBatch, key, stage, counts):
+        keys = jax.random.split(key, batch.text_ids.shape[0])
+        ce_sum, mse_sum = jax.vmap(forward_sums, in_axes=(None, 0, 0))(params, batch, keys)
+        n_ce, n_mse = counts
+        ce = jnp.sum(ce_sum) / jnp.maximum(n_ce, 1)
+        mse = jnp.sum(mse_sum) / jnp.maximum(n_mse, 1)
+        return ce_w[stage] * ce + mse_w[stage] * mse, (ce, mse)
+
+    def step_fn(state: TrainState, batch: PackedBatch, key):
+        stage = jnp.searchsorted(boundaries, state.step, side="right")
+        key = jax.random.fold_in(key, state.step)
+        counts = loss_counts(batch)
+        (loss, (ce, mse)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, stage,
+                                                                              counts)
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        mask = jax.tree.map(lambda m: jnp.asarray(m)[stage], tables.trainable)
+        grads = jax.tree.map(lambda g, m: jnp.where(m & finite, g, jnp.zeros_like(g)), grads, mask)
+        grad_norm = optax.global_norm(grads)  # of the trainable parameters, before clipping
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = jax.tree.map(lambda m: m & finite, mask)
+        params = jax.tree.map(lambda m, a, b: jnp.where(m, a, b), keep, new_params, state.params)
+        treedef = jax.tree.structure(state.params)
+        opt_state = _select_params_like(keep, opt_state, state.opt_state, treedef)
+        opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), opt_state, state.opt_state)
+        ema = jax.tree.map(lambda m, e, p: jnp.where(m, ema_decay * e + (1 - ema_decay) * p, e), keep, state.ema,
+                           params)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
+                               skipped=state.skipped + (~finite).astype(jnp.int32),
+                               consecutive_skipped=jnp.where(finite, 0, state.consecutive_skipped + 1))
+        metrics = {"loss": loss, "ce": ce, "mse": mse, "grad_norm": grad_norm, "lr": tables.lr(state.step),
+                   "stage": stage, "finite": finite, "n_ce": counts[0], "n_mse": counts[1]}
+        return new_state, metrics
+
+    return step_fn
