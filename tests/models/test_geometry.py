@@ -111,7 +111,7 @@ def _layer_flops(n_und, n_gen, hidden=256, inter=1024, heads=8, kv_heads=4):
     graphdef, state = nnx.split(layer)
 
     def run(state, x):
-        return nnx.merge(graphdef, state)(x, idx, cos, sin, meta, backend="dense", block_size=128)
+        return nnx.merge(graphdef, state)(x, idx, cos, sin, meta, backend="dense", block_size=128)[0]
 
     cost = jax.jit(run).lower(state, x).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

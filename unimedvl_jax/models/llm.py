@@ -7,6 +7,7 @@ expert (und first, gen second), or [None] when a single expert serves every toke
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -61,16 +62,30 @@ class PackedAttention(nnx.Module):
             k = getattr(self, expert_names("k_norm", 2)[e])(k)
         return q, k, v
 
-    def __call__(self, x_normed_per_expert, expert_indexes, cos, sin, meta: TokenMeta, *, backend, block_size):
-        """Joint attention over all tokens; each token's projections come from its own expert."""
+    def __call__(self, x_normed_per_expert, expert_indexes, cos, sin, meta: TokenMeta, *, backend, block_size,
+                 past=None):
+        """Joint attention over all tokens; each token's projections come from its own expert.
+
+        past: optional (keys, values, meta) of cached tokens (post k-norm and RoPE, §5.1) that the new tokens also
+        attend to. Returns (per-expert outputs, (k, v) of the new tokens).
+        """
         length = meta.length
         qkv = [self.project_qkv(e, xe) for e, xe in enumerate(x_normed_per_expert)]
         q, k, v = (scatter_tokens([t[i] for t in qkv], expert_indexes, length) for i in range(3))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = packed_attention(q, k, v, meta, meta, backend=backend, block_size=block_size)
+        if past is None:
+            keys, values, key_meta = k, v, meta
+        else:
+            past_k, past_v, past_meta = past
+            keys, values = jnp.concatenate([past_k, k.astype(past_k.dtype)]), jnp.concatenate([past_v, v.astype(
+                past_v.dtype)])
+            key_meta = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), past_meta, meta)
+        out = packed_attention(q, keys.astype(q.dtype), values.astype(q.dtype), meta, key_meta, backend=backend,
+                               block_size=block_size)
         out = out.reshape(length, self.num_heads * self.head_dim)
-        return [o(gather_tokens(out, idx)) for o, idx in zip(_experts(self, "o_proj", self.num_experts),
+        outs = [o(gather_tokens(out, idx)) for o, idx in zip(_experts(self, "o_proj", self.num_experts),
                                                              expert_indexes)]
+        return outs, (k, v)
 
 
 class DecoderLayer(nnx.Module):
@@ -88,13 +103,17 @@ class DecoderLayer(nnx.Module):
                 setattr(self, name, RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed",
                                             param_dtype=param_dtype))
 
-    def __call__(self, x, expert_indexes, cos, sin, meta, *, backend, block_size):
-        """One residual block: h = x + attn(norm1(x)); out = h + mlp(norm2(h)), per token's expert (§3.4)."""
+    def __call__(self, x, expert_indexes, cos, sin, meta, *, backend, block_size, past=None):
+        """One residual block: h = x + attn(norm1(x)); out = h + mlp(norm2(h)), per token's expert (§3.4).
+
+        Returns (out, (k, v) of these tokens); `past` = cached (keys, values, meta) they also attend to.
+        """
         attn_indexes = expert_indexes if self.attn_experts == 2 else [None]
         mlp_indexes = expert_indexes if self.mlp_experts == 2 else [None]
         xs = [gather_tokens(x, idx) for idx in attn_indexes]
         normed = [n(xe) for n, xe in zip(_experts(self, "input_layernorm", self.attn_experts), xs)]
-        attn = self.self_attn(normed, attn_indexes, cos, sin, meta, backend=backend, block_size=block_size)
+        attn, kv = self.self_attn(normed, attn_indexes, cos, sin, meta, backend=backend, block_size=block_size,
+                                  past=past)
         h = scatter_tokens([xe + a for xe, a in zip(xs, attn)], attn_indexes, x.shape[0])
         if self.attn_experts == self.mlp_experts:
             # MoT: norm2 and MLP use the same expert split as attention.
@@ -102,11 +121,11 @@ class DecoderLayer(nnx.Module):
             outs = [he + mlp(n(he)) for he, n, mlp in zip(
                 hs, _experts(self, "post_attention_layernorm", self.attn_experts),
                 _experts(self, "mlp", self.mlp_experts))]
-            return scatter_tokens(outs, mlp_indexes, x.shape[0])
+            return scatter_tokens(outs, mlp_indexes, x.shape[0]), kv
         # dense (1 expert everywhere) never reaches here; MoE: shared norm2, split MLP.
         z = self.post_attention_layernorm(h)
         mlps = _experts(self, "mlp", self.mlp_experts)
-        return h + apply_experts(mlps, z, mlp_indexes, lambda mlp, t: mlp(t))
+        return h + apply_experts(mlps, z, mlp_indexes, lambda mlp, t: mlp(t)), kv
 
 
 class Qwen2Model(nnx.Module):
@@ -147,26 +166,38 @@ class Qwen2ForCausalLM(nnx.Module):
 
         Returns (hidden after final norms, list of per-layer residual outputs or None).
         """
+        hidden, layer_outputs, _ = self.forward(embeds, position_ids, meta, expert_indexes, backend=backend,
+                                                block_size=block_size, remat=remat)
+        return hidden, (layer_outputs if return_layer_outputs else None)
+
+    def forward(self, embeds, position_ids, meta: TokenMeta, expert_indexes, *, backend="dense", block_size=512,
+                remat=False, past=None):
+        """Layers + final norms; past = per-layer cached (keys, values) plus their TokenMeta, or None.
+
+        Returns (hidden, per-layer residual outputs, per-layer (k, v) of the new tokens, post k-norm + RoPE).
+        """
         if self.cfg.layer_module == "dense":
             expert_indexes = [None]
         head_dim = self.cfg.hidden_size // self.cfg.num_heads
         cos, sin = rope_cos_sin(position_ids, head_dim, self.cfg.rope_theta, embeds.dtype)
 
-        def run_layer(layer, x):
-            return layer(x, expert_indexes, cos, sin, meta, backend=backend, block_size=block_size)
+        def run_layer(layer, x, layer_past):
+            return layer(x, expert_indexes, cos, sin, meta, backend=backend, block_size=block_size,
+                         past=layer_past)
 
         if remat:
             run_layer = nnx.remat(run_layer)
         x = embeds
-        layer_outputs = []
-        for layer in self.model.layers:
-            x = run_layer(layer, x)
-            if return_layer_outputs:
-                layer_outputs.append(x)
+        layer_outputs, kvs = [], []
+        for i, layer in enumerate(self.model.layers):
+            layer_past = None if past is None else (past[0][i], past[1][i], past[2])
+            x, kv = run_layer(layer, x, layer_past)
+            layer_outputs.append(x)
+            kvs.append(kv)
         norms = [self.model.norm, getattr(self.model, "norm_moe_gen", None)][:self.model.num_final_norms]
         final_indexes = expert_indexes if len(norms) == 2 else [None]
         hidden = apply_experts(norms, x, final_indexes, lambda norm, t: norm(t))
-        return hidden, (layer_outputs if return_layer_outputs else None)
+        return hidden, layer_outputs, kvs
 
     def logits(self, hidden):
         """lm_head projection of (already normed) hidden states, in fp32."""

@@ -66,14 +66,18 @@ class UniMedVL(nnx.Module):
     # --- sequence assembly (§4.4) -------------------------------------------------------------------
     def embed_vit(self, batch: PackedBatch):
         """ViT features, connector output and LLM embeddings (connector + sin-cos table) of every patch."""
+        return self.vit_embeddings(batch.vit_patches, batch.vit_position_ids, batch.vit_image_id)
+
+    def vit_embeddings(self, patches, position_ids, image_ids):
+        """(ViT features, connector output, connector + vit_pos_embed[pid]) of packed patches (§3.5, §3.8)."""
         c = self.cfg
-        if batch.vit_patches.shape[0] == 0:  # no ViT image in this pack (static shape)
+        if patches.shape[0] == 0:  # no ViT image in this pack (static shape)
             empty = jnp.zeros((0, c.llm.hidden_size), self.dtype)
             return jnp.zeros((0, c.vit.hidden_size), self.dtype), empty, empty
-        feats = self.vit_model(batch.vit_patches, batch.vit_position_ids, batch.vit_image_id,
-                               backend=c.attention_backend, block_size=c.attention_block_size)
+        feats = self.vit_model(patches, position_ids, image_ids, backend=c.attention_backend,
+                               block_size=c.attention_block_size)
         conn = self.connector(feats)
-        return feats, conn, conn + self.vit_pos_embed(batch.vit_position_ids, conn.dtype)
+        return feats, conn, conn + self.vit_pos_embed(position_ids, conn.dtype)
 
     def embed_latents(self, batch: PackedBatch, latents, flow_noise):
         """x₀, t, x_t and the LLM embedding vae2llm(x_t) + temb(t) + latent_pos (§3.10, §3.11)."""

@@ -1,0 +1,88 @@
+"""A generation context (§5.1): cached text / ViT-image segments with host-side kv_len and rope bookkeeping,
+and greedy / temperature text generation (§5.2) as used by Bagel.chat for VQA (§5.4)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimedvl_jax.inference.kv_cache import KVCache, append, bucket, empty_cache
+from unimedvl_jax.models.attention import CAUSAL, FULL
+from unimedvl_jax.packed_batch import TEXT, VIT
+
+
+@dataclasses.dataclass
+class Context:
+    """KV cache + rope of one conversation (batch size 1); methods return new contexts (the cache is immutable)."""
+
+    model: object
+    cache: KVCache
+    kv_len: int = 0
+    rope: int = 0
+
+    @classmethod
+    def new(cls, model, max_len: int) -> "Context":
+        """An empty context with room for max_len tokens."""
+        return cls(model, empty_cache(model.cfg.llm, max_len, model.dtype))
+
+    def _append(self, embeds, kinds, positions, mode, *, rope_after: int, advance: bool = True):
+        n = embeds.shape[0]
+        if self.kv_len + n > self.cache.max_len:
+            raise ValueError(f"context overflow: {self.kv_len} cached + {n} new tokens > max_len "
+                             f"{self.cache.max_len}")
+        size = bucket(n)
+        pad = size - n
+        embeds = jnp.concatenate([embeds, jnp.zeros((pad, embeds.shape[1]), embeds.dtype)])
+        kinds = np.concatenate([np.asarray(kinds, np.int32), np.full(pad, TEXT, np.int32)])
+        positions = np.concatenate([np.asarray(positions, np.int32), np.zeros(pad, np.int32)])
+        cache, hidden = append(self.model, self.cache, embeds, jnp.asarray(kinds), jnp.asarray(positions),
+                               jnp.int32(mode), jnp.int32(n), advance_cache=advance)
+        new = dataclasses.replace(self, cache=cache, kv_len=self.kv_len + (n if advance else 0), rope=rope_after)
+        return new, hidden[:n]
+
+    def add_text(self, ids) -> "Context":
+        """[<|im_start|>] + ids + [<|im_end|>], causal, positions rope … rope+L+1 (§4.2, §5.1)."""
+        st = self.model.cfg.special_tokens
+        tokens = np.asarray([st.bos_token_id, *ids, st.eos_token_id], np.int32)
+        embeds = self.model.language_model.embed(jnp.asarray(tokens))
+        positions = self.rope + np.arange(len(tokens))
+        return self._append(embeds, np.full(len(tokens), TEXT), positions, CAUSAL,
+                            rope_after=self.rope + len(tokens))[0]
+
+    def add_vit_image(self, patches, grid_hw) -> "Context":
+        """[<|vision_start|>] + ViT tokens + [<|vision_end|>], full attention, all at one rope id (§5.1)."""
+        st, side = self.model.cfg.special_tokens, self.model.cfg.vit_max_num_patch_per_side
+        h, w = grid_hw
+        r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        pos_ids = (r * side + c).reshape(-1)
+        _, _, vit = self.model.vit_embeddings(jnp.asarray(patches), jnp.asarray(pos_ids), jnp.zeros(h * w, jnp.int32))
+        markers = self.model.language_model.embed(jnp.asarray([st.start_of_image, st.end_of_image]))
+        embeds = jnp.concatenate([markers[:1], vit.astype(markers.dtype), markers[1:]])
+        kinds = np.concatenate([[TEXT], np.full(h * w, VIT), [TEXT]])
+        return self._append(embeds, kinds, np.full(h * w + 2, self.rope), FULL, rope_after=self.rope + 1)[0]
+
+    def generate_text(self, max_length: int, *, temperature: float = 0.0, key=None):
+        """§5.2: feed <|im_start|>, then greedy (temperature 0) or sampled tokens until <|im_end|> is predicted
+        or max_length steps (the start token counts as step 1). Returns (token ids incl. the start token,
+        per-step logits (steps, vocab)). The context itself is unchanged (gen_text works on a copy)."""
+        st = self.model.cfg.special_tokens
+        ctx, token, ids, logits_per_step = self, st.bos_token_id, [st.bos_token_id], []
+        for step in range(max_length):
+            embed = self.model.language_model.embed(jnp.asarray([token], jnp.int32))
+            ctx, hidden = ctx._append(embed, [TEXT], [ctx.rope], CAUSAL, rope_after=ctx.rope + 1)
+            logits = self.model.language_model.logits(hidden[0])
+            logits_per_step.append(np.asarray(logits))
+            if step == max_length - 1:
+                break
+            if temperature > 0:
+                key, sub = jax.random.split(key)
+                token = int(jax.random.categorical(sub, logits / temperature))
+            else:
+                token = int(jnp.argmax(logits))
+            if token == st.eos_token_id:
+                break
+            ids.append(token)
+        return ids, np.stack(logits_per_step)
