@@ -166,10 +166,13 @@ class SentencePieceTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids) -> str:
+        """Text of ids; special tokens written out, ids that are neither a piece nor special as <|idN|> (a model
+        vocabulary is larger than the piece table: an untrained model can emit those rows)."""
         out, run = [], []
+        pieces = self._sp.get_piece_size()
         for i in (int(x) for x in ids):
-            if i in self._by_id:
-                out.append(self._sp.decode(run)), out.append(self._by_id[i])
+            if i in self._by_id or not 0 <= i < pieces:
+                out.append(self._sp.decode(run)), out.append(self._by_id.get(i, f"<|id{i}|>"))
                 run = []
             else:
                 run.append(i)
