@@ -101,13 +101,13 @@ class PackedBatchIterator:
         self.tasks_seen = collections.Counter()
         self.last_pack = None
         self.last_pack_tasks: list[str] = []
-        self._datasets = {}
-        for k, task in enumerate(sorted(task_sources)):
+        self._planner = planner
+        self._shares = {}
+        for task in sorted(task_sources):
             share = grain.MapDataset.source(task_sources[task])[shard_index::shard_count]
             if len(share) == 0:
                 raise ValueError(f"process {shard_index}/{shard_count} gets no {task} records")
-            self._datasets[task] = (share.shuffle(seed=seed + 7919 * k).repeat()
-                                    .random_map(DecodeAndPlan(planner), seed=seed + 104729 * k))
+            self._shares[task] = share
         self.step = start_step
         self._stage = None
         self._iterator = None
@@ -115,10 +115,18 @@ class PackedBatchIterator:
         self._resume_state = None
 
     # -- streams -------------------------------------------------------------------------------------------
+    def _task_dataset(self, task: str, stage: int):
+        # Seeds differ per stage and task, so each stage starts a fresh shuffle instead of replaying the first
+        # records of the previous stage.
+        k = sorted(self._shares).index(task)
+        seed = self.seed + 7919 * k + 1_000_003 * stage
+        return self._shares[task].shuffle(seed=seed).repeat().random_map(DecodeAndPlan(self._planner),
+                                                                          seed=seed + 104729)
+
     def _stage_iterator(self, stage: int):
         weights = self.schedule.weights[stage]
-        tasks = [t for t in sorted(self._datasets) if weights.get(t, 0) > 0]
-        mixed = grain.MapDataset.mix([self._datasets[t] for t in tasks], [weights[t] for t in tasks])
+        tasks = [t for t in sorted(self._shares) if weights.get(t, 0) > 0]
+        mixed = grain.MapDataset.mix([self._task_dataset(t, stage) for t in tasks], [weights[t] for t in tasks])
         ds = mixed.to_iter_dataset()
         if self.num_workers > 0:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers,

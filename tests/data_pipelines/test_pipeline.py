@@ -78,11 +78,15 @@ def test_stage_mixtures_and_switch_at_boundary(planner):
     sched = schedule((70, 70, 70))
     it = PackedBatchIterator(sources(), sched, planner, Packer.from_config(data_config(), MODEL), seed=3)
     per_stage = [collections.Counter() for _ in range(3)]
+    first_pack = {}
     for step in range(210):
         batch = next(it)
         stage = sched.stage_at(step)
         assert int(batch.stage) == stage
         per_stage[stage].update(it.last_pack_tasks)
+        first_pack.setdefault(stage, list(it.last_pack.record_ids))
+    # Each stage starts its own shuffle: it does not replay the previous stage's first records.
+    assert first_pack[0] != first_pack[1] and first_pack[1] != first_pack[2]
     for stage, counts in enumerate(per_stage):
         n = sum(counts.values())
         assert n >= 2000, n
