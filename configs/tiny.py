@@ -6,6 +6,7 @@ from unimedvl_jax import config as C
 from unimedvl_jax.data_config import data_config
 from unimedvl_jax.train.curriculum import curriculum_config
 from unimedvl_jax.train.optim_config import optim_config
+from unimedvl_jax.train.train_config import add_train_sections
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -26,4 +27,5 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data = data_config()
     cfg.curriculum = curriculum_config(steps=(20, 20, 20))
     cfg.optim = optim_config()
+    add_train_sections(cfg, mesh_shape=(-1, 1, 1), rules="dp", batch_packs=1, log_every=5, checkpoint_every=20)
     return cfg

@@ -6,6 +6,7 @@ from unimedvl_jax import config as C
 from unimedvl_jax.data_config import data_config
 from unimedvl_jax.train.curriculum import curriculum_config
 from unimedvl_jax.train.optim_config import optim_config
+from unimedvl_jax.train.train_config import add_train_sections
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -30,4 +31,6 @@ def get_config() -> ml_collections.ConfigDict:
         vae_transform=dict(max_size=1024, min_size=512, stride=16, max_pixels=14 * 14 * 9 * 1024))
     cfg.curriculum = curriculum_config(steps=(85_000, 120_000, 70_000))  # §7.1
     cfg.optim = optim_config()
+    add_train_sections(cfg, mesh_shape=(1, -1, 1), rules="fsdp", batch_packs=32, log_every=10,
+                       checkpoint_every=1000, keep_checkpoints=3, log_record_ids=False)
     return cfg

@@ -47,7 +47,8 @@ class PackedBatch:
     vae_position_ids: jax.Array  # (V,) flattened 2-D ids in the latent table
     vae_token_index: jax.Array  # (V,) position in the sequence, T for padding
     vae_timestep: jax.Array    # (V,) raw logit-normal draw n; -inf for clean conditions and padding
-    # () int32: curriculum stage the data pipeline built this batch for (checked against the step's stage)
+    # () int32: curriculum stage the data pipeline built this batch for (the train loop checks it against the
+    # stage of the step it feeds, before dispatch)
     stage: jax.Array = struct.field(default_factory=lambda: np.zeros((), np.int32))
 
     @property

@@ -3,7 +3,9 @@
 stage = searchsorted(boundaries, step, 'right') is computed in the step; per-stage values (loss weights,
 trainable masks) are arrays indexed by it; the learning rate is optax.join_schedules of per-stage pieces. So a run
 through every stage compiles the step once. A frozen group keeps its parameters, both Adam moments and its EMA
-bit-identical while frozen (weight decay included: the update is discarded, not scaled).
+bit-identical while frozen (weight decay included: the update is discarded, not scaled). A non-finite step is
+skipped (state kept, counted); the optimizer's LR-schedule count is pinned to the global step, so skipped steps do
+not delay the learning rate relative to the stage.
 
 Global batch = B packs, each a static-shape PackedBatch (leading axis B). Per §4.6 the loss is
   ce_weight[stage] · Σce / N_ce + mse_weight[stage] · Σmse / N_mse
@@ -22,7 +24,6 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from unimedvl_jax.models.unimedvl import UniMedVL
 from unimedvl_jax.packed_batch import PackedBatch
 from unimedvl_jax.train.curriculum import StageSchedule
 
@@ -149,6 +150,17 @@ def _select_params_like(keep_new, new, old, params_treedef):
     return jax.tree.map(pick, new, old, is_leaf=is_params_like)
 
 
+def _with_schedule_count(opt_state, count):
+    """opt_state with every LR-schedule count set to `count`: the learning rate follows the global step (skipped
+    steps included), like the stage, the loss weights and the reported lr. The Adam count (bias correction) still
+    counts only the steps taken."""
+    def is_sched(x):
+        return isinstance(x, optax.ScaleByScheduleState)
+
+    return jax.tree.map(lambda s: s._replace(count=jnp.asarray(count, s.count.dtype)) if is_sched(s) else s,
+                        opt_state, is_leaf=is_sched)
+
+
 def loss_counts(batch: PackedBatch):
     """Global numbers of CE and MSE tokens, known from the batch before the forward (§4.6 normalisation)."""
     length = batch.text_ids.shape[-1]
@@ -187,17 +199,18 @@ def make_train_step(graphdef, rest_state, tx, tables: TrainTables, cfg):
         counts = loss_counts(batch)
         (loss, (ce, mse)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, stage,
                                                                               counts)
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
         mask = jax.tree.map(lambda m: jnp.asarray(m)[stage], tables.trainable)
         grads = jax.tree.map(lambda g, m: jnp.where(m & finite, g, jnp.zeros_like(g)), grads, mask)
-        grad_norm = optax.global_norm(grads)  # of the trainable parameters, before clipping
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        grad_norm = optax.tree.norm(grads)  # of the trainable parameters, before clipping
+        updates, opt_state = tx.update(grads, _with_schedule_count(state.opt_state, state.step), state.params)
         new_params = optax.apply_updates(state.params, updates)
         keep = jax.tree.map(lambda m: m & finite, mask)
         params = jax.tree.map(lambda m, a, b: jnp.where(m, a, b), keep, new_params, state.params)
         treedef = jax.tree.structure(state.params)
         opt_state = _select_params_like(keep, opt_state, state.opt_state, treedef)
         opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), opt_state, state.opt_state)
+        opt_state = _with_schedule_count(opt_state, state.step + 1)
         ema = jax.tree.map(lambda m, e, p: jnp.where(m, ema_decay * e + (1 - ema_decay) * p, e), keep, state.ema,
                            params)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,

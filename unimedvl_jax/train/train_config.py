@@ -1,0 +1,68 @@
+"""`train` and `mesh` sections of the experiment config (shared by configs/*.py; used by train/loop.py).
+
+train.steps                      total train steps; -1 = sum(curriculum.stage_steps) (resolved at run time, so it
+                                 follows command-line overrides of the stage lengths)
+train.batch_packs                B: packs per global batch (stacked on a leading axis, split over data × fsdp;
+                                 must be divisible by data·fsdp and by the number of JAX processes)
+train.log_every                  console line / TensorBoard / clu aggregation period (steps)
+train.checkpoint_every           orbax save_interval_steps (a checkpoint is also written at the end and on SIGTERM)
+train.keep_checkpoints           orbax max_to_keep
+train.async_checkpointing        orbax enable_async_checkpointing
+train.max_consecutive_nonfinite  K: stop with an error after K non-finite (skipped) steps in a row
+train.peak_flops                 peak FLOP/s of ONE device, for MFU (0 = unknown: MFU not reported)
+train.seed                       model init and step RNG seed
+train.log_record_ids             per-step JSONL rows list the record ids each pack consumed (audits exact resume;
+                                 ~B·samples·60 bytes per step, so off for the 14B config)
+train.write_final                write <workdir>/final/ (config.json + params/ + ema/) at the end of training
+train.debug_poison_steps         TEST-ONLY hook: 1-based step numbers whose batch gets ce_weight = NaN (forces a
+                                 non-finite loss; used by tests/train/test_loop.py for the non-finite guard)
+train.debug_step_sleep_s         TEST-ONLY hook: sleep this long after dispatching each step (lets tests
+                                 interrupt a run at a chosen point; does not change any result)
+
+mesh.shape   (data, fsdp, tensor); one entry may be -1 (= the remaining devices)
+mesh.rules   logical-axis rules table: 'dp' | 'fsdp' | 'fsdp_tensor' (unimedvl_jax/sharding.py)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+    """The `train` section (see module docstring)."""
+    c = ml_collections.ConfigDict(dict(
+        steps=-1,
+        batch_packs=1,
+        log_every=10,
+        checkpoint_every=1000,
+        keep_checkpoints=3,
+        async_checkpointing=True,
+        max_consecutive_nonfinite=20,
+        peak_flops=0.0,
+        seed=0,
+        write_final=True,
+        log_record_ids=True,
+        debug_poison_steps=(),
+        debug_step_sleep_s=0.0,
+    ))
+    c.update(overrides)
+    return c
+
+
+def mesh_config(shape=(-1, 1, 1), rules="dp") -> ml_collections.ConfigDict:
+    """The `mesh` section: device mesh shape over (data, fsdp, tensor) and the sharding rules table name."""
+    return ml_collections.ConfigDict(dict(shape=tuple(shape), rules=rules))
+
+
+def add_train_sections(cfg: ml_collections.ConfigDict, *, mesh_shape=(-1, 1, 1), rules="dp",
+                       **train_overrides) -> ml_collections.ConfigDict:
+    """Add `train` and `mesh` sections to an experiment config (in place; returns it)."""
+    cfg.train = train_config(**train_overrides)
+    cfg.mesh = mesh_config(mesh_shape, rules)
+    return cfg
+
+
+def total_steps(cfg) -> int:
+    """train.steps, or the sum of the curriculum stage lengths when it is -1."""
+    steps = int(cfg.train.steps)
+    return sum(int(s) for s in cfg.curriculum.stage_steps) if steps < 0 else steps

@@ -1,0 +1,49 @@
+"""unimedvl-train: train (or resume) UniMedVL from an ml_collections config file.
+
+    unimedvl-train --config configs/tiny.py --workdir runs/x [--config.train.batch_packs=4 --config.a.b=v ...]
+
+The workdir holds checkpoints/ (resumed automatically), metrics.jsonl, tb/ (TensorBoard), tokenizer/ (when the
+tokenizer is trained on the data), config.json and, at the end, final/ (export with
+`unimedvl-export --checkpoint <workdir>/final`). SIGTERM saves a checkpoint and exits 0. The unimed-mini dataset
+is built into config.data.data_dir when missing. Exit status: 0 done or preempted, 1 on a training error
+(e.g. too many consecutive non-finite steps), 2 on a bad command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (e.g. configs/tiny.py)",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, final params)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _run(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.WARNING)
+    from flax import nnx
+
+    nnx.use_eager_sharding(False)  # variables are placed by sharding.shard_model
+    from unimedvl_jax.train.loop import NonFiniteError, StageMismatchError, train
+
+    try:
+        result = train(_CONFIG.value, _WORKDIR.value)
+    except (NonFiniteError, StageMismatchError) as e:
+        print(f"unimedvl-train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print(f"unimedvl-train: {'preempted' if result.preempted else 'done'} at step {result.step}", flush=True)
+
+
+def main(argv=None) -> None:
+    """Console-script entry point (absl app; --config / --workdir / --config.x.y=v flags)."""
+    app.run(_run, argv=argv)
+
+
+if __name__ == "__main__":
+    main()
