@@ -104,3 +104,70 @@ def _override(cfg, item: str):
 
 if __name__ == "__main__":
     sys.exit(import_main())
+
+
+def eval_vqa_main(argv=None) -> int:
+    """unimedvl-eval-vqa: accuracy on held-out questions with ground-truth answers (e.g. modality questions)."""
+    p = argparse.ArgumentParser(
+        prog="unimedvl-eval-vqa",
+        description="Ask a trained model the held-out VQA questions of a built dataset split (default: the "
+                    "imaging-modality questions of unimed-mini's test split), decode greedily with the KV cache and "
+                    "report normalised exact-match accuracy per modality next to the majority-answer baseline.")
+    p.add_argument("--checkpoint", required=True, help="params checkpoint (e.g. <workdir>/final)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory or tokenizer.json (e.g. <workdir>/tokenizer)")
+    p.add_argument("--data-dir", default="data", help="TFDS data dir holding the built dataset")
+    p.add_argument("--dataset", default="unimed_mini", help="built dataset config name")
+    p.add_argument("--split", action="append", default=None, help="split(s) to evaluate (repeatable; default test)")
+    p.add_argument("--questions", default="modality_name",
+                   help="question family from data_pipelines/sources/medical_text.py QUESTIONS (default modality_name)")
+    p.add_argument("--weights", default="ema", choices=["ema", "params"], help="EMA (default) or raw weights")
+    p.add_argument("--limit", type=int, default=None, help="at most this many questions per split")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--out", default=None, help="write the full report (every answer) as JSON here")
+    args = p.parse_args(argv)
+    _setup_jax()
+    import json
+
+    from data_pipelines.loader import open_split
+    from data_pipelines.sources.medical_text import QUESTIONS
+    from data_pipelines.transforms import ImageTransform
+    from unimedvl_jax.eval.vqa import evaluate, vqa_items
+    from unimedvl_jax.interop.params_checkpoint import load_params_checkpoint
+    from unimedvl_jax.tokenizers import load_tokenizer
+
+    if args.questions not in QUESTIONS:
+        raise SystemExit(f"--questions {args.questions!r} not in {sorted(QUESTIONS)}")
+    model, cfg = load_params_checkpoint(args.checkpoint, weights=args.weights)
+    data_cfg = _data_section(args)
+    tokenizer = load_tokenizer(args.tokenizer)
+    transform = ImageTransform.from_config(data_cfg.vit_transform)
+    report = {}
+    for split in args.split or ["test"]:
+        items = vqa_items(open_split(data_cfg, split), QUESTIONS[args.questions], limit=args.limit)
+        res = evaluate(model, tokenizer, transform, items, max_new_tokens=args.max_new_tokens)
+        report[split] = res
+        print(f"{split}: {res['n']} questions, accuracy {res['accuracy']:.3f} "
+              f"(majority answer {res['majority_answer']!r}: {res['majority_baseline']:.3f})")
+        for modality, r in res["per_modality"].items():
+            print(f"  {modality:6s} n={r['n']:4d} accuracy {r['accuracy']:.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def _data_section(args):
+    """Data settings for evaluation: the ViT transform of the training run (<workdir>/config.json next to final/)
+    when present, else the defaults; data dir and dataset from the command line."""
+    import json
+    import os
+
+    from unimedvl_jax.data_config import data_config
+
+    data_cfg = data_config()
+    run_config = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "config.json")
+    if os.path.exists(run_config):
+        with open(run_config) as f:
+            data_cfg.vit_transform.update(json.load(f).get("data", {}).get("vit_transform", {}))
+    data_cfg.data_dir, data_cfg.dataset = args.data_dir, args.dataset
+    return data_cfg

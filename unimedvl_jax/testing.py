@@ -51,6 +51,22 @@ class VaeImage:
     dropped: bool = False
 
 
+def small_model_config():
+    """A 2-layer MoT with every path on (QK-norm, ViT, bridges) and a minimal VAE, for fast tests (fp32)."""
+    import ml_collections
+
+    from unimedvl_jax import config as C
+
+    return C.model_config(
+        llm=C.llm_config(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+                         vocab_size=256, rope_theta=10000.0, qk_norm=True, layer_module="mot"),
+        vit=C.vit_config(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, image_size=112),
+        vae=C.vae_config(ch=8, ch_mult=[1, 1], num_res_blocks=1, downsample=2, norm_groups=4, z_channels=4),
+        latent_patch_size=2, max_latent_size=8, vit_max_num_patch_per_side=8,
+        special_tokens=ml_collections.ConfigDict(dict(bos_token_id=252, eos_token_id=253, start_of_image=254,
+                                                      end_of_image=255)))
+
+
 def param_dict(module) -> dict:
     """{dotted path: nnx.Param} over every parameter of `module` (for copying reference weights in)."""
     return {".".join(map(str, path)): var for path, var in nnx.iter_graph(module) if isinstance(var, nnx.Param)}

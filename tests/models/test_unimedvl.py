@@ -3,31 +3,23 @@ packing and padding invariance, noise-split isolation, expert separation, and th
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from unimedvl_jax import config as C
 from unimedvl_jax.models.attention import NOISE, TokenMeta
 from unimedvl_jax.models.layers import rope_cos_sin
 from unimedvl_jax.models.unimedvl import UniMedVL, packed_loss
 from unimedvl_jax.packed_batch import PAD, TEXT, VAE, VIT
 from unimedvl_jax.testing import Text, VaeImage, VitImage, build_packed_batch
+from unimedvl_jax.testing import small_model_config
 
 EXPERT_SUFFIXES = ("", "_moe_gen")  # und, gen (§1.5)
 
 
 def tiny_config():
     """A 2-layer MoT with every path on. The VAE is minimal: these tests feed latents directly, never pixels."""
-    return C.model_config(
-        llm=C.llm_config(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                         vocab_size=256, rope_theta=10000.0, qk_norm=True, layer_module="mot"),
-        vit=C.vit_config(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, image_size=112),
-        vae=C.vae_config(ch=8, ch_mult=[1, 1], num_res_blocks=1, downsample=2, norm_groups=4, z_channels=4),
-        latent_patch_size=2, max_latent_size=8, vit_max_num_patch_per_side=8,
-        special_tokens=ml_collections.ConfigDict(dict(bos_token_id=252, eos_token_id=253, start_of_image=254,
-                                                      end_of_image=255)))
+    return small_model_config()
 
 
 CFG = tiny_config()

@@ -22,12 +22,12 @@ import optax
 import pytest
 from flax import nnx
 
-from unimedvl_jax import config as C
 from unimedvl_jax.models.unimedvl import UniMedVL
 from unimedvl_jax.testing import Text, VaeImage, VitImage, build_packed_batch
 from unimedvl_jax.train.curriculum import curriculum_config
 from unimedvl_jax.train.optim_config import optim_config
 from unimedvl_jax.train.step import init_train_state, make_optimizer, make_tables, make_train_step, param_path
+from unimedvl_jax.testing import small_model_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 KEY_SEED = 7
@@ -61,14 +61,7 @@ def _packs():
 def small_cfg():
     """A 2-layer MoT with ViT, a minimal VAE and the test curriculum (fp32 everywhere)."""
     cfg = ml_collections.ConfigDict()
-    cfg.model = C.model_config(
-        llm=C.llm_config(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                         vocab_size=256, rope_theta=10000.0, qk_norm=True, layer_module="mot"),
-        vit=C.vit_config(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, image_size=112),
-        vae=C.vae_config(ch=8, ch_mult=[1, 1], num_res_blocks=1, downsample=2, norm_groups=4, z_channels=4),
-        latent_patch_size=2, max_latent_size=8, vit_max_num_patch_per_side=8,
-        special_tokens=ml_collections.ConfigDict(dict(bos_token_id=252, eos_token_id=253, start_of_image=254,
-                                                      end_of_image=255)))
+    cfg.model = small_model_config()
     cur = curriculum_config(steps=STAGE_STEPS)
     cur.lr = tuple(s[0] for s in LR)
     cur.warmup_steps = tuple(s[1] for s in LR)
