@@ -417,3 +417,24 @@ def test_meshes_on_eight_devices_match_one_device():
             assert r["specs"][kind] == r["want"], (name, kind, r["specs"][kind], r["want"])
         assert r["scalars_replicated"], name
         assert r["batch_shards"] == 8, name
+
+
+def test_gradient_accumulation_matches_one_shot(run):
+    """optim.grad_accum_steps=2 over the 2-pack batch: same loss terms and the same update as one shot."""
+    import copy
+
+    cfg = copy.deepcopy(run.cfg)
+    cfg.optim.grad_accum_steps = 2
+    tx = make_optimizer(cfg, run.tables)
+    params = jax.tree.map(jnp.asarray, run.states[0].params)
+    step = jax.jit(make_train_step(run.graphdef, run.rest, tx, run.tables, cfg))
+    state, m = step(init_train_state(params, tx), run.batch, run.key)
+    for name in ("loss", "ce", "mse", "grad_norm"):
+        np.testing.assert_allclose(np.asarray(m[name]), run.metrics[0][name], rtol=1e-5, err_msg=name)
+    got, want = flat(to_host(state.params)), flat(run.states[1].params)
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], rtol=1e-5, atol=1e-7, err_msg=path)
+    cfg.optim.grad_accum_steps = 3
+    bad = jax.jit(make_train_step(run.graphdef, run.rest, make_optimizer(cfg, run.tables), run.tables, cfg))
+    with pytest.raises(ValueError, match="not divisible by optim.grad_accum_steps=3"):
+        bad(init_train_state(params, tx), run.batch, run.key)

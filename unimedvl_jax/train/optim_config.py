@@ -6,8 +6,12 @@ import ml_collections
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
-    """AdamW β=(0.9, 0.95), eps 1e-15, no weight decay, clip 1.0, EMA 0.9999 from step 0 (§7.2)."""
+    """AdamW β=(0.9, 0.95), eps 1e-15, no weight decay, clip 1.0, EMA 0.9999 from step 0 (§7.2).
+
+    grad_accum_steps: the global batch's packs are processed in this many sequential micro-batches (must divide
+    train.batch_packs); gradients and loss terms are summed, each normalised by the global token counts.
+    """
     c = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=1e-15, weight_decay=0.0, grad_clip=1.0,
-                                       ema_decay=0.9999))
+                                       ema_decay=0.9999, grad_accum_steps=1))
     c.update(overrides)
     return c

@@ -172,6 +172,7 @@ def loss_counts(batch: PackedBatch):
 def make_train_step(graphdef, rest_state, tx, tables: TrainTables, cfg):
     """The pure step function (state, batch, key) -> (state, metrics); jit it with shardings and donation."""
     ema_decay = float(cfg.optim.ema_decay)
+    accum = int(cfg.optim.get("grad_accum_steps", 1))
     boundaries = jnp.asarray(tables.boundaries)
     ce_w, mse_w = jnp.asarray(tables.ce_weight), jnp.asarray(tables.mse_weight)
     patch_dim = cfg.model.latent_patch_size ** 2 * cfg.model.vae.z_channels
@@ -185,20 +186,41 @@ def make_train_step(graphdef, rest_state, tx, tables: TrainTables, cfg):
         out = model(pack, latents, noise)
         return jnp.sum(out.ce * pack.ce_weight), jnp.sum(out.mse)
 
-    def loss_fn(params, batch: PackedBatch, key, stage, counts):
-        keys = jax.random.split(key, batch.text_ids.shape[0])
+    def loss_fn(params, batch: PackedBatch, keys, stage, counts):
+        """This (micro-)batch's share of the §4.6 loss: sums over its packs / the global-batch token counts."""
         ce_sum, mse_sum = jax.vmap(forward_sums, in_axes=(None, 0, 0))(params, batch, keys)
         n_ce, n_mse = counts
         ce = jnp.sum(ce_sum) / jnp.maximum(n_ce, 1)
         mse = jnp.sum(mse_sum) / jnp.maximum(n_mse, 1)
         return ce_w[stage] * ce + mse_w[stage] * mse, (ce, mse)
 
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def loss_and_grads(params, batch: PackedBatch, key, stage, counts):
+        """Loss terms and gradients of the global batch, in `accum` sequential micro-batches if configured.
+
+        Each micro-batch is normalised by the global counts, so the accumulated sums equal the one-shot values."""
+        num_packs = batch.text_ids.shape[0]
+        keys = jax.random.split(key, num_packs)
+        if accum == 1:
+            return grad_fn(params, batch, keys, stage, counts)
+        if num_packs % accum:
+            raise ValueError(f"{num_packs} packs per batch not divisible by optim.grad_accum_steps={accum}")
+        split = lambda x: x.reshape((accum, num_packs // accum) + x.shape[1:])  # noqa: E731
+
+        def micro_step(carry, xs):
+            (loss, (ce, mse)), grads = grad_fn(params, xs[0], xs[1], stage, counts)
+            return jax.tree.map(jnp.add, carry, ((loss, (ce, mse)), grads)), None
+
+        zero = ((jnp.zeros(()), (jnp.zeros(()), jnp.zeros(()))), jax.tree.map(jnp.zeros_like, params))
+        total, _ = jax.lax.scan(micro_step, zero, (jax.tree.map(split, batch), split(keys)))
+        return total
+
     def step_fn(state: TrainState, batch: PackedBatch, key):
         stage = jnp.searchsorted(boundaries, state.step, side="right")
         key = jax.random.fold_in(key, state.step)
         counts = loss_counts(batch)
-        (loss, (ce, mse)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, stage,
-                                                                              counts)
+        (loss, (ce, mse)), grads = loss_and_grads(state.params, batch, key, stage, counts)
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
         mask = jax.tree.map(lambda m: jnp.asarray(m)[stage], tables.trainable)
         grads = jax.tree.map(lambda g, m: jnp.where(m & finite, g, jnp.zeros_like(g)), grads, mask)
