@@ -56,7 +56,8 @@ def get_tokenizer(data_cfg, model_cfg, *, workdir: str | None = None):
 
 
 def make_iterator(cfg, tokenizer, *, split: str | None = None, start_step: int = 0, shard_index: int | None = None,
-                  shard_count: int | None = None, num_workers: int | None = None) -> PackedBatchIterator:
+                  shard_count: int | None = None, num_workers: int | None = None,
+                  packs_per_step: int = 1) -> PackedBatchIterator:
     """The PackedBatch iterator of cfg (model, data, curriculum) for this JAX process's share."""
     data_cfg = cfg.data
     source = open_split(data_cfg, split or data_cfg.train_split)
@@ -66,4 +67,4 @@ def make_iterator(cfg, tokenizer, *, split: str | None = None, start_step: int =
         seed=int(data_cfg.seed), start_step=start_step,
         shard_index=jax.process_index() if shard_index is None else shard_index,
         shard_count=jax.process_count() if shard_count is None else shard_count,
-        num_workers=int(data_cfg.num_workers if num_workers is None else num_workers))
+        num_workers=int(data_cfg.num_workers if num_workers is None else num_workers), packs_per_step=packs_per_step)

@@ -85,17 +85,21 @@ class DecodeAndPlan:
 
 
 class PackedBatchIterator:
-    """Iterator of numpy PackedBatches with checkpointable state; one batch per train step."""
+    """Iterator of numpy PackedBatches with checkpointable state; `packs_per_step` packs per train step (the
+    iterator's `step` counts packs, the curriculum stage follows the train step)."""
 
     def __init__(self, task_sources: dict, schedule: StageSchedule, planner, packer: Packer, *, seed: int = 0,
                  shard_index: int = 0, shard_count: int = 1, num_workers: int = 0, start_step: int = 0,
-                 worker_buffer_size: int = 8):
+                 worker_buffer_size: int = 8, packs_per_step: int = 1):
         missing = {t for w in schedule.weights for t, v in w.items() if v > 0} - set(task_sources)
         if missing:
             raise ValueError(f"the curriculum mixes {sorted(missing)} but no source provides them")
         if not 0 <= shard_index < shard_count:
             raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+        if packs_per_step < 1:
+            raise ValueError(f"packs_per_step must be >= 1, got {packs_per_step}")
         self.schedule, self.packer, self.seed = schedule, packer, seed
+        self.packs_per_step = packs_per_step  # this process's packs per train step: stage = stage_at(step // it)
         self.num_workers, self.worker_buffer_size = num_workers, worker_buffer_size
         self.bad_records = BadRecordCounter()
         self.tasks_seen = collections.Counter()
@@ -146,7 +150,7 @@ class PackedBatchIterator:
         return self
 
     def __next__(self):
-        stage = self.schedule.stage_at(self.step)
+        stage = self.schedule.stage_at(self.step // self.packs_per_step)
         if stage != self._stage:
             self._enter_stage(stage)
         while True:

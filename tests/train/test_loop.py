@@ -272,17 +272,17 @@ def loop_config(data_dir):
 def test_iterator_packs_follow_train_steps_and_stage_check(env, tmp_path):
     from data_pipelines.loader import get_tokenizer, make_iterator
     from unimedvl_jax.train.curriculum import StageSchedule
-    from unimedvl_jax.train.loop import StageMismatchError, check_stage, iterator_config
+    from unimedvl_jax.train.loop import StageMismatchError, check_stage
 
     cfg = loop_config(env["data"])
     schedule = StageSchedule.from_config(cfg.curriculum)
-    it = make_iterator(iterator_config(cfg, 3), get_tokenizer(cfg.data, cfg.model, workdir=str(tmp_path)))
+    it = make_iterator(cfg, get_tokenizer(cfg.data, cfg.model, workdir=str(tmp_path)), packs_per_step=3)
     for step in range(STEPS):  # 3 packs per train step: all of them carry the step's stage
         for _ in range(3):
             check_stage(next(it).stage, step, schedule)
     assert it.get_state()["step"] == 3 * STEPS
     plain = make_iterator(cfg, get_tokenizer(cfg.data, cfg.model, workdir=str(tmp_path)))
-    stages = [int(next(plain).stage) for _ in range(2 * 4)]  # without the scaling the stage switches too early
+    stages = [int(next(plain).stage) for _ in range(2 * 4)]  # 1 pack per step: stage switches too early for B=2
     with pytest.raises(StageMismatchError, match=r"step 2: the data pipeline built a pack for stage 1 "
                                                  r"\(instruction\) but the curriculum puts step 2 in stage 0"):
         for k, stage in enumerate(stages):

@@ -105,13 +105,6 @@ def ensure_dataset(data_cfg, console=print) -> None:
         multihost_utils.sync_global_devices("dataset built")
 
 
-def iterator_config(cfg, packs_per_process: int):
-    """cfg with the curriculum stage lengths in packs of one process (× packs_per_process)."""
-    it_cfg = cfg.copy_and_resolve_references()
-    it_cfg.curriculum.stage_steps = tuple(int(s) * packs_per_process for s in cfg.curriculum.stage_steps)
-    return it_cfg
-
-
 def check_stage(pack_stage: int, step: int, schedule: StageSchedule, iterator_step=None) -> None:
     """Raise StageMismatchError unless a pack built for `pack_stage` belongs to train step `step` (0-based)."""
     want = schedule.stage_at(step)
@@ -195,7 +188,7 @@ def _train(cfg, workdir: str, console, sigterm: _SigtermFlag) -> TrainResult:
 
     ensure_dataset(cfg.data, console=say)
     tokenizer = get_tokenizer(cfg.data, cfg.model, workdir=workdir)
-    iterator = make_iterator(iterator_config(cfg, local_packs), tokenizer)
+    iterator = make_iterator(cfg, tokenizer, packs_per_step=local_packs)
     if data_state is not None:
         iterator.set_state(data_state)
     batch_sharding = shd.data_sharding(mesh)
