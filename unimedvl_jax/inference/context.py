@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unimedvl_jax.inference.image_tokens import encode_image_tokens, image_token_embeds, latent_position_ids
 from unimedvl_jax.inference.kv_cache import KVCache, append, bucket, empty_cache
 from unimedvl_jax.models.attention import CAUSAL, FULL
 from unimedvl_jax.packed_batch import TEXT, VIT
@@ -63,6 +64,16 @@ class Context:
         embeds = jnp.concatenate([markers[:1], vit.astype(markers.dtype), markers[1:]])
         kinds = np.concatenate([[TEXT], np.full(h * w, VIT), [TEXT]])
         return self._append(embeds, kinds, np.full(h * w + 2, self.rope), FULL, rope_after=self.rope + 1)[0]
+
+    def add_vae_image(self, pixels, *, eps=None, key=None) -> "Context":
+        """[<|vision_start|>] + clean VAE latents (t = 0) + [<|vision_end|>], full attention, one rope id (§5.1).
+
+        pixels: (H, W, 3) in [-1, 1]. The VAE posterior is sampled (§9.1) with noise `eps` (1, H/f, W/f, C) or
+        drawn from the PRNG `key`. Markers use the und expert, latents the gen expert; rope advances by one.
+        """
+        tokens, grid = encode_image_tokens(self.model, pixels, eps=eps, key=key)
+        embeds, kinds = image_token_embeds(self.model, tokens, 0.0, latent_position_ids(self.model, grid))
+        return self._append(embeds, kinds, np.full(len(kinds), self.rope), FULL, rope_after=self.rope + 1)[0]
 
     def generate_text(self, max_length: int, *, temperature: float = 0.0, key=None):
         """§5.2: feed <|im_start|>, then greedy (temperature 0) or sampled tokens until <|im_end|> is predicted
