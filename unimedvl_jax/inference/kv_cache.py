@@ -10,8 +10,6 @@ bucket and decoding compiles once.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -25,7 +23,10 @@ PAD_SAMPLE = -3     # padding inside an appended chunk
 
 @struct.dataclass
 class KVCache:
-    """Per-layer keys/values (L, S, Hkv, D), their TokenMeta over S, the fill length and the next split id."""
+    """Per-layer keys/values (L, S, Hkv, D), their TokenMeta over S, the fill length and the next split id.
+
+    A batch of caches is the same pytree with a leading batch axis on every leaf.
+    """
 
     keys: jax.Array
     values: jax.Array
@@ -35,7 +36,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.keys.shape[1]
+        return self.keys.shape[-3]
 
 
 def empty_cache(llm_cfg, max_len: int, dtype=jnp.float32) -> KVCache:
@@ -56,9 +57,8 @@ def bucket(n: int, minimum: int = 16) -> int:
     return size
 
 
-@functools.partial(nnx.jit, static_argnames=("advance_cache",))
-def append(model, cache: KVCache, embeds, kinds, positions, mode, n_valid, *, advance_cache: bool = True):
-    """Run the LLM on one chunk (n padded tokens, the first n_valid real) against the cache.
+def append_chunk(model, cache: KVCache, embeds, kinds, positions, mode, n_valid, *, advance_cache: bool = True):
+    """Run the LLM on one chunk (n padded tokens, the first n_valid real) against the cache (not jitted).
 
     kinds: token kinds (TEXT/VIT markers use the und expert, VAE latents the gen expert); positions: rope ids;
     mode: split mode of the chunk (one split). Returns (new cache, hidden states of the chunk after the final
@@ -85,3 +85,7 @@ def append(model, cache: KVCache, embeds, kinds, positions, mode, n_valid, *, ad
     written = TokenMeta(jnp.where(real, 0, EMPTY_SAMPLE).astype(jnp.int32), meta.split, meta.mode, meta.index)
     new_meta = jax.tree.map(lambda old, new: jax.lax.dynamic_update_slice(old, new, (start,)), cache.meta, written)
     return KVCache(keys, values, new_meta, cache.length + n_valid, cache.next_split + 1), hidden
+
+
+# Compiles once per (chunk bucket, cache size).
+append = nnx.jit(append_chunk, static_argnames=("advance_cache",))
