@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unimedvl_jax.inference.decoding import decode
 from unimedvl_jax.inference.image_tokens import encode_image_tokens, image_token_embeds, latent_position_ids
 from unimedvl_jax.inference.kv_cache import KVCache, append, bucket, empty_cache
 from unimedvl_jax.models.attention import CAUSAL, FULL
@@ -75,25 +75,9 @@ class Context:
         embeds, kinds = image_token_embeds(self.model, tokens, 0.0, latent_position_ids(self.model, grid))
         return self._append(embeds, kinds, np.full(len(kinds), self.rope), FULL, rope_after=self.rope + 1)[0]
 
-    def generate_text(self, max_length: int, *, temperature: float = 0.0, key=None):
+    def generate_text(self, max_length: int, *, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
         """§5.2: feed <|im_start|>, then greedy (temperature 0) or sampled tokens until <|im_end|> is predicted
         or max_length steps (the start token counts as step 1). Returns (token ids incl. the start token,
         per-step logits (steps, vocab)). The context itself is unchanged (gen_text works on a copy)."""
-        st = self.model.cfg.special_tokens
-        ctx, token, ids, logits_per_step = self, st.bos_token_id, [st.bos_token_id], []
-        for step in range(max_length):
-            embed = self.model.language_model.embed(jnp.asarray([token], jnp.int32))
-            ctx, hidden = ctx._append(embed, [TEXT], [ctx.rope], CAUSAL, rope_after=ctx.rope + 1)
-            logits = self.model.language_model.logits(hidden[0])
-            logits_per_step.append(np.asarray(logits))
-            if step == max_length - 1:
-                break
-            if temperature > 0:
-                key, sub = jax.random.split(key)
-                token = int(jax.random.categorical(sub, logits / temperature))
-            else:
-                token = int(jnp.argmax(logits))
-            if token == st.eos_token_id:
-                break
-            ids.append(token)
-        return ids, np.stack(logits_per_step)
+        out = decode([self], max_length, temperature=temperature, top_p=top_p, seed=seed, return_logits=True)
+        return out.ids[0], out.logits[0]
