@@ -79,7 +79,7 @@ def decode(contexts: Sequence, max_length: int, *, temperature: float = 0.0, top
     """§5.2 for each context (same model and cache size): feed <|im_start|>, then chosen tokens, until a row's
     newly predicted token is <|im_end|> (not kept) or it has run max_length steps (the start token is step 1).
 
-    The contexts are not modified. Sampling is deterministic given the seed and independent of the batch.
+    The contexts are not modified. Sampling is deterministic given the seed and the row's index in the batch.
     """
     if not contexts:
         raise ValueError("decode needs at least one context")
