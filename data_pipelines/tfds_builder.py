@@ -38,7 +38,7 @@ from data_pipelines.sources import unimed_mini
 from data_pipelines.splits import split_for_scan
 
 DATASET = "unimed_records"
-DATASET_VERSION = "1.0.0"
+DATASET_VERSION = "1.1.0"
 PROGRESS_EVERY = 1000
 
 
@@ -151,7 +151,9 @@ class UnimedRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Serialised records of one source (unimed-mini or a manifest), split train/val/test, in ArrayRecord files."""
 
     VERSION = tfds.core.Version(DATASET_VERSION)
-    RELEASE_NOTES = {DATASET_VERSION: "Record schema v1: JSON header + PNG blobs."}
+    RELEASE_NOTES = {"1.0.0": "Record schema v1: JSON header + PNG blobs.",
+                     "1.1.0": "unimed-mini: MNI tissue maps answer modality questions with 'MRI' and get their own "
+                              "'which derived map' question."}
 
     def __init__(self, *, source, data_dir, config_name: str | None = None, **kwargs):
         self.source = source
@@ -227,6 +229,20 @@ def dataset_dir(data_dir, name: str) -> pathlib.Path:
 def data_source(path, split: str):
     """Random-access source (ArrayRecordDataSource) of one split of a built dataset directory."""
     return tfds.builder_from_directory(str(path)).as_data_source(split=split)
+
+
+def source_records(source, *, name: str = "source") -> Iterator[Record]:
+    """Every decodable Record of a random-access source, in order; undecodable ones are logged and skipped."""
+    import logging
+
+    from data_pipelines.pipeline import record_bytes
+    from data_pipelines.schema import BadRecord
+
+    for i in range(len(source)):
+        try:
+            yield Record.from_bytes(record_bytes(source[i]), record_id=f"{name}[{i}]")
+        except BadRecord as e:
+            logging.getLogger(__name__).warning("skipping undecodable record: %s", e)
 
 
 def decode_example(example: dict) -> Record:

@@ -16,6 +16,7 @@ QUESTIONS = {
     "position": ("Which part of the volume is this {plane} slice from?",),
     "weighting": ("What is the MR contrast weighting of this image?", "Is this MRI T1- or T2-weighted?"),
     "exam": ("What type of ultrasound examination is this?",),
+    "derived_map": ("Which map derived from the MRI is shown?", "What does this brain map show?"),
     "contrast": ("Was a contrast agent administered for this image?",),
     "color": ("Is this a grayscale or a colour image?",),
     "photometric": ("What is the DICOM photometric interpretation of this image?",),

@@ -315,10 +315,10 @@ def scans() -> list[Scan]:
                     pair_with=("gm", "wm")),
         _volume_map(nilearn, "datasets/data/mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz", "gm",
                     "grey-matter probability map of the brain (MNI152 template)",
-                    {"modality_name": "MRI-derived grey-matter probability map", "region": "brain"}),
+                    {**mr, "region": "brain", "derived_map": "grey-matter probability map"}),
         _volume_map(nilearn, "datasets/data/mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz", "wm",
                     "white-matter probability map of the brain (MNI152 template)",
-                    {"modality_name": "MRI-derived white-matter probability map", "region": "brain"}),
+                    {**mr, "region": "brain", "derived_map": "white-matter probability map"}),
     )
     catalog = [
         _dicom_scan("CT_small.dcm", "CT", None, "axial contrast-enhanced CT slice", facts=ct, ct_family="body"),

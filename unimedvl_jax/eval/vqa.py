@@ -8,9 +8,11 @@ import collections
 import dataclasses
 import re
 
+import numpy as np
+from PIL import Image
 
-from data_pipelines.pipeline import record_bytes
-from data_pipelines.schema import BadRecord, Record, decode_image
+from data_pipelines.schema import decode_image
+from data_pipelines.tfds_builder import source_records
 from data_pipelines.transforms import ImageTransform, patchify_vit
 from unimedvl_jax.inference.context import Context
 from unimedvl_jax.inference.kv_cache import bucket
@@ -35,11 +37,7 @@ def normalize(text: str) -> str:
 def vqa_items(source, questions: tuple[str, ...], *, limit: int | None = None) -> list[VQAItem]:
     """(image, question, answer) items of a source's understanding records whose question is one of `questions`."""
     items, wanted = [], {normalize(q) for q in questions}
-    for i in range(len(source)):
-        try:
-            record = Record.from_bytes(record_bytes(source[i]), record_id=f"index {i}")
-        except BadRecord:
-            continue
+    for record in source_records(source, name="vqa source"):
         segs = record.segments
         if record.task != "understanding" or not segs or segs[0].kind != "image":
             continue
@@ -55,8 +53,15 @@ def vqa_items(source, questions: tuple[str, ...], *, limit: int | None = None) -
 
 def answer(model, tokenizer, transform: ImageTransform, image_bytes: bytes, question: str, *,
            max_new_tokens: int = 16, record_id: str = "?") -> str:
-    """Greedy answer of the model to one question about one image (Bagel.chat flow, §5.4)."""
-    pixels = transform(decode_image(image_bytes, record_id=record_id))
+    """Greedy answer of the model to one question about one encoded image (Bagel.chat flow, §5.4)."""
+    return answer_image(model, tokenizer, transform, decode_image(image_bytes, record_id=record_id), question,
+                        max_new_tokens=max_new_tokens)
+
+
+def answer_image(model, tokenizer, transform: ImageTransform, image, question: str, *,
+                 max_new_tokens: int = 16) -> str:
+    """Greedy answer to one question about one image (PIL image or uint8 array; Bagel.chat flow, §5.4)."""
+    pixels = transform(Image.fromarray(image) if isinstance(image, np.ndarray) else image)
     patch = model.cfg.vit.patch_size
     grid = (pixels.shape[0] // patch, pixels.shape[1] // patch)
     question_ids = tokenizer.encode(question)

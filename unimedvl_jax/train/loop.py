@@ -151,7 +151,15 @@ def _train(cfg, workdir: str, console, sigterm: _SigtermFlag) -> TrainResult:
 
     from unimedvl_jax.models.unimedvl import UniMedVL
 
+    if tcfg.init_vae_from:
+        from unimedvl_jax.train.vae_training import adopt_vae_config, install_vae
+
+        adopt_vae_config(cfg.model, tcfg.init_vae_from)  # before config.json is written and the model built
     model = UniMedVL(cfg.model, rngs=nnx.Rngs(int(tcfg.seed)))
+    if tcfg.init_vae_from:
+        install_vae(model, tcfg.init_vae_from)
+        say(f"installed the VAE of {tcfg.init_vae_from} (latent scale {cfg.model.vae.scale_factor:.4f}, "
+            f"shift {cfg.model.vae.shift_factor:.4f})")
     shd.shard_model(model, cfg.mesh.rules, mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     del model

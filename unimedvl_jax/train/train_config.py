@@ -14,6 +14,8 @@ train.seed                       model init and step RNG seed
 train.log_record_ids             per-step JSONL rows list the record ids each pack consumed (audits exact resume;
                                  ~B·samples·60 bytes per step, so off for the 14B config)
 train.write_final                write <workdir>/final/ (config.json + params/ + ema/) at the end of training
+train.init_vae_from              a VAE checkpoint (unimedvl-train-vae) installed into the model before training
+                                 starts: its weights and fitted latent scale/shift ('' = keep the initialised VAE)
 train.debug_poison_steps         TEST-ONLY hook: 1-based step numbers whose batch gets ce_weight = NaN (forces a
                                  non-finite loss; used by tests/train/test_loop.py for the non-finite guard)
 train.debug_step_sleep_s         TEST-ONLY hook: sleep this long after dispatching each step (lets tests
@@ -41,6 +43,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         peak_flops=0.0,
         seed=0,
         write_final=True,
+        init_vae_from="",
         log_record_ids=True,
         debug_poison_steps=(),
         debug_step_sleep_s=0.0,
