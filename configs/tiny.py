@@ -7,6 +7,7 @@ from unimedvl_jax.data_config import data_config
 from unimedvl_jax.train.curriculum import curriculum_config
 from unimedvl_jax.train.optim_config import optim_config
 from unimedvl_jax.train.train_config import add_train_sections
+from unimedvl_jax.train.vae_training import vae_training_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -16,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
         llm=C.llm_config(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256,
                          vocab_size=1024, qk_norm=True, layer_module="mot"),
         vit=C.vit_config(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, image_size=224),
-        vae=C.vae_config(resolution=64, ch=32, ch_mult=[1, 2, 2, 2], z_channels=4),
+        vae=C.vae_config(resolution=64, ch=16, ch_mult=[1, 2, 2, 2], num_res_blocks=1, z_channels=4, norm_groups=8),
         latent_patch_size=2,
         max_latent_size=16,
         vit_max_num_patch_per_side=16,
@@ -33,4 +34,6 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.curriculum.min_lr = (1e-5, 1e-5, 1e-5)
     cfg.optim = optim_config(ema_decay=0.99)
     add_train_sections(cfg, mesh_shape=(-1, 1, 1), rules="dp", batch_packs=1, log_every=20, checkpoint_every=100)
+    # The tiny VAE is trained first (unimedvl-train-vae) and installed with --config.train.init_vae_from=DIR.
+    cfg.vae_training = vae_training_config(steps=600)
     return cfg
