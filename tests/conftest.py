@@ -18,6 +18,58 @@ def official_dir() -> pathlib.Path:
     """Directory holding the official tiny checkpoint and recorded fixtures (copied from shared/reference)."""
     return OFFICIAL
 
+
+@pytest.fixture(scope="session")
+def official_manifest(official_dir) -> dict:
+    """The fixtures' manifest.json (what every recorded tensor means, the official call's arguments)."""
+    import json
+
+    return json.loads((official_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def official_tensors(official_dir):
+    """name -> {key: array} of tests/fixtures/official/<name>.safetensors."""
+    from unimedvl_jax.interop.safetensors_io import SafetensorsReader
+
+    def read(name: str) -> dict:
+        with SafetensorsReader(official_dir / f"{name}.safetensors") as r:
+            return {k: r.get(k) for k in r.keys()}
+
+    return read
+
+
+@pytest.fixture(scope="session")
+def official_model(official_dir):
+    """The official tiny checkpoint imported in fp32."""
+    from unimedvl_jax.interop.checkpoint_import import import_official
+
+    return import_official(official_dir / "tiny_ckpt")[0]
+
+
+class OfficialByteTokenizer:
+    """The fixture harness's tokenizer stand-in: id = byte_offset + utf-8 byte, no BOS/EOS (fixture_config.json)."""
+
+    def __init__(self, byte_offset: int):
+        self.byte_offset = byte_offset
+
+    def encode(self, text: str) -> list[int]:
+        return [self.byte_offset + b for b in text.encode("utf-8")]
+
+    def decode(self, ids) -> str:
+        raw = bytes(i - self.byte_offset for i in ids if 0 <= i - self.byte_offset < 256)
+        return raw.decode("utf-8", errors="replace")
+
+
+@pytest.fixture(scope="session")
+def official_tokenizer(official_dir) -> OfficialByteTokenizer:
+    """Tokenizer the official fixtures were recorded with."""
+    import json
+
+    config = json.loads((official_dir / "tiny_ckpt" / "fixture_config.json").read_text())
+    return OfficialByteTokenizer(config["tokenizer"]["byte_offset"])
+
+
 # grain worker processes parse absl flags on start; mark them parsed (DESIGN.md library notes).
 from absl import flags as _absl_flags  # noqa: E402
 

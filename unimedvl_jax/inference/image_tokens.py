@@ -41,16 +41,20 @@ def latent_position_ids(model, grid_hw) -> np.ndarray:
     return flattened_position_ids(*grid_hw, model.cfg.max_latent_size)
 
 
-def image_token_embeds(model, x_tokens, t, position_ids):
-    """(embeds, kinds) of [start] + latents + [end]; latents = vae2llm(x) + temb(t) + latent_pos_embed (§3.10)."""
+@nnx.jit
+def _segment_embeds(model, x_tokens, t, position_ids):
     st = model.cfg.special_tokens
-    n = x_tokens.shape[0]
-    temb = model.time_embedder(jnp.full((n,), t, jnp.float32))
+    temb = model.time_embedder(jnp.full((x_tokens.shape[0],), t, jnp.float32))
     latents = model.vae2llm(x_tokens.astype(model.dtype)) + temb + model.latent_pos_embed(position_ids, model.dtype)
     markers = model.language_model.embed(jnp.asarray([st.start_of_image, st.end_of_image], jnp.int32))
-    embeds = jnp.concatenate([markers[:1], latents.astype(markers.dtype), markers[1:]])
-    kinds = np.concatenate([[TEXT], np.full(n, VAE), [TEXT]]).astype(np.int32)
-    return embeds, kinds
+    return jnp.concatenate([markers[:1], latents.astype(markers.dtype), markers[1:]])
+
+
+def image_token_embeds(model, x_tokens, t, position_ids):
+    """(embeds, kinds) of [start] + latents + [end]; latents = vae2llm(x) + temb(t) + latent_pos_embed (§3.10)."""
+    n = x_tokens.shape[0]
+    embeds = _segment_embeds(model, x_tokens, jnp.asarray(t, jnp.float32), jnp.asarray(position_ids, jnp.int32))
+    return embeds, np.concatenate([[TEXT], np.full(n, VAE), [TEXT]]).astype(np.int32)
 
 
 @nnx.jit
