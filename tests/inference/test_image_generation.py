@@ -367,3 +367,6 @@ def test_errors_name_the_offending_argument(official_model, official_tokenizer):
         generate_image(official_model, contexts, (32, 32), cfg_interval=(1.0, 0.4))
     with pytest.raises(ValueError, match="latents"):
         decode_latents(official_model, np.zeros((4, 16)), (32, 48))
+    other = Context(object(), contexts.cond.cache, contexts.cond.kv_len, contexts.cond.rope)
+    with pytest.raises(ValueError, match=r"contexts\[0\] was built with another model"):
+        generate_image(official_model, (other,), (32, 32), cfg_text_scale=1.0)

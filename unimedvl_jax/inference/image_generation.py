@@ -99,10 +99,14 @@ def initial_noise(model, image_shape, *, seed: int = 0, init_noise=None):
     return jnp.asarray(init_noise, jnp.float32)
 
 
-def _branch_contexts(contexts, branches_needed, cfg_text_scale, cfg_img_scale):
+def _branch_contexts(model, contexts, branches_needed, cfg_text_scale, cfg_img_scale):
+    """The contexts the sampler needs (cond first), checked against the guidance settings and the model."""
     contexts = GuidanceContexts(*contexts)
     if contexts.cond is None:
         raise ValueError("contexts[0] (the conditional context) is required")
+    for i, ctx in enumerate(contexts[:branches_needed]):
+        if ctx is not None and ctx.model is not model:
+            raise ValueError(f"contexts[{i}] was built with another model instance")
     if branches_needed >= 2 and contexts.text_uncond is None:
         raise ValueError(f"cfg_text_scale={cfg_text_scale} > 1 inside cfg_interval needs a text-unconditional "
                          f"context (contexts[1])")
@@ -124,7 +128,7 @@ def generate_image(model, contexts, image_shape, *, num_timesteps=50, timestep_s
     check_guidance(cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_min, cfg_renorm_type)
     timesteps = flow_timesteps(num_timesteps, timestep_shift)
     scales = [guidance_scales(t, cfg_interval, cfg_text_scale, cfg_img_scale) for t in timesteps[:-1]]
-    branch_ctx = _branch_contexts(contexts, max(guidance_branches(*s) for s in scales), cfg_text_scale,
+    branch_ctx = _branch_contexts(model, contexts, max(guidance_branches(*s) for s in scales), cfg_text_scale,
                                   cfg_img_scale)
     x = initial_noise(model, image_shape, seed=seed, init_noise=init_noise)
     position_ids = jnp.asarray(latent_position_ids(model, latent_grid(model, image_shape)), jnp.int32)

@@ -175,14 +175,15 @@ def text_to_image(model, tokenizer, prompt: str, *, image_shape=(1024, 1024), se
                    sampler_kwargs={**T2I_DEFAULTS, **sampler_kwargs}, text=text)
 
 
-def edit_image(model, tokenizer, image, instruction: str, *, seed: int = 42, init_noise=None, vae_eps=None,
-               understand_first: bool = False, understand_max_tokens: int = EDIT_UNDERSTAND_MAX_TOKENS,
+def edit_image(model, tokenizer, image, instruction: str, *, image_shape=None, seed: int = 42, init_noise=None,
+               vae_eps=None, understand_first: bool = False, understand_max_tokens: int = EDIT_UNDERSTAND_MAX_TOKENS,
                vae_transform: ImageTransform = GEN_VAE_TRANSFORM, vit_transform: ImageTransform = GEN_VIT_TRANSFORM,
                **sampler_kwargs) -> GeneratedImage:
     """Edit / translate an image by an instruction; defaults follow the UniMedVL editing demo (§5.5).
 
     Contexts for [image, instruction]: cond = image (VAE + ViT) + instruction, text-uncond = image only,
-    image-uncond = instruction only (§5.3). The output takes the input's aspect-preserving VAE-rule size.
+    image-uncond = instruction only (§5.3). The output (H, W) defaults to the input's aspect-preserving
+    VAE-rule size, as in the official code.
     Randomness: `seed` gives the VAE posterior draw and the initial noise unless `vae_eps` (one per image,
     (1, H/f, W/f, C)) or `init_noise` are given.
     understand_first: the UniMedVL generator's pre-pass — a greedy reply (≤ understand_max_tokens) to
@@ -198,8 +199,8 @@ def edit_image(model, tokenizer, image, instruction: str, *, seed: int = 42, ini
                                        extra_tokens=understand_max_tokens + 2)
         text = generate_text_reply(understand.cond, tokenizer, understand_max_tokens)
         instruction = instruction + "\n\n" + text
-    contexts, image_shape = build_contexts(model, tokenizer, [image, instruction], vae_transform=vae_transform,
+    contexts, input_shape = build_contexts(model, tokenizer, [image, instruction], vae_transform=vae_transform,
                                            vit_transform=vit_transform, key=jax.random.fold_in(key, 1),
                                            vae_eps=vae_eps)
-    return _sample(model, contexts, image_shape, seed=seed, init_noise=init_noise,
+    return _sample(model, contexts, input_shape if image_shape is None else image_shape, seed=seed, init_noise=init_noise,
                    sampler_kwargs={**EDIT_DEFAULTS, **sampler_kwargs}, text=text)
