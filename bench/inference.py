@@ -1,0 +1,164 @@
+"""Inference speed of the tiny config with random weights: prefill, KV-cache decode and text-to-image.
+
+Prints Markdown tables. Timings are warm (the first call of each shape compiles and is reported separately):
+prefill and images are the best of --repeats runs; decode is the median step over --repeats rounds in which the
+context lengths take turns step by step. Decode attends over a fixed cache size (all max_len slots, the empty
+ones masked), so its cost per token should not grow with the context length; the table reports the ratio.
+Usage:  python bench/inference.py [--contexts 128 512 2048] [--decode-tokens 32] [--batch 8]
+                                  [--image-size 64] [--steps 25 50] [--skip-images]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def build_model():
+    """configs/tiny.py's model, random weights, fp32."""
+    from flax import nnx
+
+    from configs import tiny
+    from unimedvl_jax.models.unimedvl import UniMedVL
+
+    nnx.use_eager_sharding(False)
+    return UniMedVL(tiny.get_config().model, rngs=nnx.Rngs(0))
+
+
+def timed(fn, repeats: int):
+    """(seconds of the first call (compile + run), best seconds of `repeats` further calls)."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return first, best
+
+
+def text_prompt(length: int):
+    """Token ids of a text segment filling `length` cache slots (its two markers included)."""
+    return [(7 * i) % 1000 for i in range(length - 2)]
+
+
+def bench_text(model, contexts, decode_tokens: int, batch: int, repeats: int):
+    """Rows (context, prefill compile s, prefill ms, decode ms/token batch 1, batch-`batch` tokens/s)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from unimedvl_jax.inference.context import Context
+    from unimedvl_jax.inference.decoding import decode_step, split_model
+
+    # One cache size for every context length: the decode step compiles once per batch size.
+    max_len = max(contexts) + decode_tokens + 128
+    structure, params = split_model(model)
+    key = jax.random.key(0)
+
+    def decode_seconds(ctxs, rows):
+        """Per context: seconds of each of `decode_tokens` steps of a `rows`-row batch. The contexts take
+        turns step by step, so load spikes on a shared machine hit every context length alike; the host syncs
+        each step, as decoding.decode does."""
+        state = {n: (jax.tree.map(lambda *leaves: jnp.stack(leaves), *([ctx.cache] * rows)),
+                     np.full(rows, 5, np.int32)) for n, ctx in ctxs.items()}
+        seconds = {n: [] for n in ctxs}
+        for step in range(decode_tokens):
+            for n, ctx in ctxs.items():
+                cache, tokens = state[n]
+                start = time.perf_counter()
+                cache, _, chosen = decode_step(structure, params, cache, tokens, np.full(rows, ctx.rope + step,
+                                               np.int32), np.ones(rows, bool), key, np.int32(step),
+                                               np.float32(0.0), np.float32(1.0))
+                state[n] = cache, np.asarray(chosen)
+                seconds[n].append(time.perf_counter() - start)
+        return seconds
+
+    prefill, ctxs = {}, {}
+    for length in contexts:
+        ids = text_prompt(length)
+        prefill[length] = timed(lambda: jax.block_until_ready(Context.new(model, max_len).add_text(ids).cache),
+                                repeats)
+        ctxs[length] = Context.new(model, max_len).add_text(ids)
+    decode_seconds(ctxs, 1), decode_seconds(ctxs, batch)  # compile (once per batch size)
+    single, batched = {n: [] for n in contexts}, {n: [] for n in contexts}
+    for _ in range(repeats):
+        for n, sec in decode_seconds(ctxs, 1).items():
+            single[n] += sec
+        for n, sec in decode_seconds(ctxs, batch).items():
+            batched[n] += sec
+    rows = [(n, prefill[n][0], prefill[n][1] * 1e3, np.median(single[n]) * 1e3, batch / np.median(batched[n]))
+            for n in contexts]
+    return rows, max_len
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (< 256): enough to condition a random-weight model."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def text_to_image(model, tokenizer, prompt: str, *, image_size: int, num_timesteps: int, cfg: bool):
+    """One (image_size²) text-to-image sample through the image-generation API (decoded to uint8).
+
+    cfg=False sets the text scale to 1, which turns guidance off entirely (§5.3); cfg=True keeps the
+    `interleave_inference` T2I defaults (text 3.0, image 1.5, interval (0.4, 1], §5.5).
+    """
+    from unimedvl_jax.inference.interleave import text_to_image as generate
+
+    scales = {} if cfg else dict(cfg_text_scale=1.0, cfg_img_scale=1.0)
+    return generate(model, tokenizer, prompt, image_shape=(image_size, image_size), num_timesteps=num_timesteps,
+                    **scales).image
+
+
+def bench_images(model, image_size: int, steps, repeats: int):
+    """Rows (steps, CFG, compile s, seconds per image)."""
+    tokenizer, rows = ByteTokenizer(), []
+    for num_timesteps in steps:
+        for cfg in (False, True):
+            first, best = timed(lambda: text_to_image(model, tokenizer, "a chest x-ray", image_size=image_size,
+                                                      num_timesteps=num_timesteps, cfg=cfg), repeats)
+            rows.append((num_timesteps, cfg, first, best))
+    return rows
+
+
+def markdown(header, rows) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048])
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, nargs="+", default=[25, 50])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-images", action="store_true")
+    args = parser.parse_args()
+
+    import jax
+
+    model = build_model()
+    print(f"tiny config, random weights, fp32, backend {jax.default_backend()} ({jax.device_count()} device(s))\n")
+    rows, max_len = bench_text(model, args.contexts, args.decode_tokens, args.batch, args.repeats)
+    print(f"Text (KV cache of {max_len} slots for every context length; decode over {args.decode_tokens} tokens)\n")
+    print(markdown(["context", "prefill compile s", "prefill ms", "decode ms/token (batch 1, median)",
+                    f"decode tokens/s (batch {args.batch})"],
+                   [(n, f"{c:.1f}", f"{p:.1f}", f"{d:.2f}", f"{t:.0f}") for n, c, p, d, t in rows]))
+    per_token = [r[3] for r in rows]
+    print(f"\ndecode ms/token max/min across contexts: {max(per_token) / min(per_token):.2f}x\n")
+    if not args.skip_images:
+        print(f"Text-to-image {args.image_size}x{args.image_size} (prompt + VAE decode included)\n")
+        print(markdown(["steps", "CFG", "first call s (compile)", "s / image"],
+                       [(n, "text 3.0, img 1.5" if cfg else "off", f"{f:.1f}", f"{b:.2f}")
+                        for n, cfg, f, b in bench_images(model, args.image_size, args.steps, args.repeats)]))
+
+
+if __name__ == "__main__":
+    main()
