@@ -6,7 +6,11 @@ The workdir holds checkpoints/ (resumed automatically), metrics.jsonl, tb/ (Tens
 tokenizer is trained on the data), config.json and, at the end, final/ (export with
 `unimedvl-export --checkpoint <workdir>/final`). SIGTERM saves a checkpoint and exits 0. The unimed-mini dataset
 is built into config.data.data_dir when missing. Exit status: 0 done or preempted, 1 on a training error
-(e.g. too many consecutive non-finite steps), 2 on a bad command line.
+(e.g. too many consecutive non-finite steps), 2 on a bad command line, 3 when joining a multi-process job failed.
+
+Multi-process runs (TPU pods, SLURM, GKE, launch/local.py) are joined from the environment by
+unimedvl_jax.distributed.initialize() before JAX is used; --init_timeout (or UNIMEDVL_INIT_TIMEOUT) bounds the
+wait for the coordinator and the other processes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (e.g. configs/tiny.py)",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, final params)")
+_INIT_TIMEOUT = flags.DEFINE_float("init_timeout", None, "seconds to wait for the coordinator and all processes "
+                                   "of a multi-process job (default: UNIMEDVL_INIT_TIMEOUT or 300)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -27,6 +33,15 @@ def _run(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.WARNING)
+    from unimedvl_jax import distributed
+
+    try:  # before any JAX computation: joins the multi-process job described by the environment, if any
+        spec = distributed.initialize(timeout_s=_INIT_TIMEOUT.value)
+    except distributed.DistributedInitError as e:
+        print(f"unimedvl-train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(distributed.INIT_TIMEOUT_EXIT)
+    if spec.multi_process:
+        print(f"unimedvl-train: {spec.describe()}", flush=True)
     from flax import nnx
 
     nnx.use_eager_sharding(False)  # variables are placed by sharding.shard_model
