@@ -9,7 +9,7 @@ import jax
 
 from data_pipelines import tfds_builder
 from data_pipelines.packing import Packer
-from data_pipelines.pipeline import PackedBatchIterator, record_bytes, split_by_task
+from data_pipelines.pipeline import PackedBatchIterator, ShardedPackIterator, record_bytes, split_by_task
 from data_pipelines.sample_plan import Planner
 from data_pipelines.schema import BadRecord, Record
 from unimedvl_jax.tokenizers import SentencePieceTokenizer, load_tokenizer
@@ -68,3 +68,18 @@ def make_iterator(cfg, tokenizer, *, split: str | None = None, start_step: int =
         shard_index=jax.process_index() if shard_index is None else shard_index,
         shard_count=jax.process_count() if shard_count is None else shard_count,
         num_workers=int(data_cfg.num_workers if num_workers is None else num_workers), packs_per_step=packs_per_step)
+
+
+def make_sharded_iterator(cfg, tokenizer, layout, *, num_workers: int | None = None) -> ShardedPackIterator:
+    """The iterators of this process's data shards (unimedvl_jax.distributed.DataShardLayout): shard s reads
+    source[s::layout.shards] and yields layout.rows_per_shard packs per train step (one packer per shard)."""
+    data_cfg = cfg.data
+    task_sources = split_by_task(open_split(data_cfg, data_cfg.train_split))
+    schedule = StageSchedule.from_config(cfg.curriculum)
+    return ShardedPackIterator(
+        {s: PackedBatchIterator(
+            task_sources, schedule, Planner.from_config(data_cfg, cfg.model, tokenizer),
+            Packer.from_config(data_cfg, cfg.model), seed=int(data_cfg.seed), shard_index=s,
+            shard_count=layout.shards, num_workers=int(data_cfg.num_workers if num_workers is None else num_workers),
+            packs_per_step=layout.rows_per_shard) for s in layout.local_shards},
+        layout.rows_per_shard)

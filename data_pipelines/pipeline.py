@@ -195,3 +195,40 @@ class PackedBatchIterator:
         return {"step": self.step, "tasks": dict(self.tasks_seen), "packer": dict(
             samples=self.packer.stats.samples, packs=self.packer.stats.packs, rejected=self.packer.stats.rejected,
             rejected_by_budget=dict(self.packer.stats.rejected_by_budget)), "bad_records": self.bad_records.as_dict()}
+
+
+class ShardedPackIterator:
+    """This process's data shards (distributed.DataShardLayout): one PackedBatchIterator per shard, each reading
+    its own disjoint share of the records and yielding `rows_per_shard` packs per train step.
+
+    `next_step()` returns this process's packs of one train step in local-row order (shards ascending, each
+    shard's packs in order) with each pack's PackInfo and global batch row. State = {shard: iterator state}."""
+
+    def __init__(self, iterators: dict, rows_per_shard: int):
+        self.iterators = {int(s): it for s, it in sorted(iterators.items())}
+        self.rows_per_shard = int(rows_per_shard)
+
+    @property
+    def shards(self) -> tuple[int, ...]:
+        return tuple(self.iterators)
+
+    @property
+    def step(self) -> int:
+        """Packs taken from each shard so far (the shards advance together)."""
+        return min(it.step for it in self.iterators.values())
+
+    def next_step(self):
+        """[(global row, pack, PackInfo of that pack)] of one train step, in local-row order."""
+        out = []
+        for shard, it in self.iterators.items():
+            for k in range(self.rows_per_shard):
+                pack = next(it)
+                out.append((shard * self.rows_per_shard + k, pack, it.last_pack))
+        return out
+
+    def get_state(self) -> dict:
+        return {str(s): it.get_state() for s, it in self.iterators.items()}
+
+    def set_state(self, states: dict) -> None:
+        for s, it in self.iterators.items():
+            it.set_state(states[str(s)] if str(s) in states else states[s])

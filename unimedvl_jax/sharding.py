@@ -29,8 +29,13 @@ RULES = {
 }
 
 
-def make_mesh(shape, devices=None) -> Mesh:
-    """Mesh over (data, fsdp, tensor); one entry may be -1 (= the remaining devices). Axis types are Auto."""
+def make_mesh(shape, devices=None, *, dcn_shape=None) -> Mesh:
+    """Mesh over (data, fsdp, tensor); one entry may be -1 (= the remaining devices). Axis types are Auto.
+
+    `dcn_shape` (multi-slice TPU, or multi-host GPU where processes stand for slices): how many slices each axis
+    spans; the per-slice (ICI) shape is shape / dcn_shape, and devices are laid out by
+    mesh_utils.create_hybrid_device_mesh so that only the dcn axes cross slices (e.g. data parallelism over DCN,
+    fsdp / tensor inside a slice). Devices without a `slice_index` use their process as the slice."""
     shape = [int(s) for s in shape]
     if len(shape) != len(MESH_AXES):
         raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
@@ -44,8 +49,27 @@ def make_mesh(shape, devices=None) -> Mesh:
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
         raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, have {len(devices)}")
-    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    dcn = [1] * len(MESH_AXES) if dcn_shape is None else [int(d) for d in dcn_shape]
+    if math.prod(dcn) == 1:
+        return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=axis_types, devices=devices)
+    return Mesh(hybrid_device_grid(shape, dcn, devices), MESH_AXES, axis_types=axis_types)
+
+
+def hybrid_device_grid(shape, dcn_shape, devices):
+    """Device array of `shape` whose `dcn_shape` outer blocks are whole slices (see make_mesh)."""
+    from jax.experimental import mesh_utils
+
+    if len(dcn_shape) != len(MESH_AXES) or any(d < 1 or s % d for s, d in zip(shape, dcn_shape)):
+        raise ValueError(f"mesh.dcn_shape {tuple(dcn_shape)} must divide mesh.shape {tuple(shape)} axis by axis")
+    ici = [s // d for s, d in zip(shape, dcn_shape)]
+    by_slice = not all(getattr(d, "slice_index", None) is None for d in devices)
+    granules = len({(d.slice_index if by_slice else d.process_index) for d in devices})
+    if granules != math.prod(dcn_shape):
+        raise ValueError(f"mesh.dcn_shape {tuple(dcn_shape)} needs {math.prod(dcn_shape)} "
+                         f"{'slices' if by_slice else 'processes (no slice_index on these devices)'}, "
+                         f"have {granules}")
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn_shape, devices, process_is_granule=not by_slice)
 
 
 def rules_table(name_or_table) -> dict:

@@ -1,11 +1,15 @@
 """The training loop: config → mesh, sharded model, TrainState, data iterator, checkpoints, metrics → steps.
 
-* Global batch = train.batch_packs (B) packs stacked on a new leading axis, sharded over (data, fsdp). Each JAX
-  process pulls its B / process_count packs from its own iterator share and the global array is assembled with
-  jax.make_array_from_process_local_data. The iterator yields one pack per call and tags it with the stage of
-  ITS step counter, so it is built with the curriculum stage lengths × (packs per process per step): pack k then
-  belongs to train step k // B_local. Before each step every pack's `.stage` must equal
-  StageSchedule.stage_at(step); a mismatch is an error.
+* Global batch = train.batch_packs (B) packs stacked on a new leading axis, sharded over (data, fsdp). It is
+  filled by S data shards (train.data_shards; unimedvl_jax/distributed.py DataShardLayout): shard s reads the
+  records source[s::S] and fills rows [s·B/S, (s+1)·B/S). Each JAX process runs the iterators of the shards its
+  addressable devices hold (disjoint records across processes), feeds only those rows, and the global array is
+  assembled with jax.make_array_from_process_local_data. The batches depend on (S, B) only, so runs with
+  different process counts but the same S train on the same data, and a checkpoint restores across them.
+  Each shard's iterator yields B/S packs per train step and tags each pack with the stage of its train step;
+  before each step every pack's `.stage` must equal StageSchedule.stage_at(step); a mismatch is an error.
+* Multi-process (launch/, unimedvl_jax/distributed.py): process 0 writes the console, TensorBoard,
+  metrics.jsonl, config.json and checkpoint metadata; every process writes its checkpoint array shards.
 * Checkpoints (train/checkpointing.py): every train.checkpoint_every steps, on SIGTERM (finish the current step,
   save, wait for the async save, return normally → exit 0) and at the end. On start the latest checkpoint in
   <workdir>/checkpoints is restored (TrainState onto the current mesh, data iterator state) and training continues.
@@ -33,6 +37,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from unimedvl_jax import distributed
 from unimedvl_jax import sharding as shd
 from unimedvl_jax.train import checkpointing
 from unimedvl_jax.train.curriculum import StageSchedule
@@ -120,6 +125,25 @@ def stack_packs(packs):
     return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *packs)
 
 
+def data_layout(tcfg, batch_rows: dict, batch_packs: int, data_item, ckpt_dir: str, restored_from):
+    """This process's DataShardLayout: train.data_shards, else the checkpoint's, else the default; checked
+    against the checkpoint (same B and S) and the process layout (whole shards per process)."""
+    shards = int(tcfg.data_shards)
+    if data_item is not None:
+        saved_s, saved_b = int(data_item["data_shards"]), int(data_item["batch_packs"])
+        if saved_b != batch_packs or (shards and shards != saved_s):
+            raise ValueError(
+                f"checkpoint {restored_from} in {ckpt_dir} was written with train.batch_packs={saved_b} and "
+                f"{saved_s} data shard(s); this run has batch_packs={batch_packs}"
+                + (f" and train.data_shards={shards}" if shards else "")
+                + ": the data iterators' states cannot be mapped onto the new layout (keep batch_packs and set "
+                  f"train.data_shards={saved_s} or 0)")
+        shards = saved_s
+    if not shards:
+        shards = distributed.default_data_shards(batch_rows, batch_packs)
+    return distributed.data_shard_layout(batch_rows, batch_packs, shards, jax.process_index())
+
+
 def train(cfg, workdir: str, *, console=print) -> TrainResult:
     """Run (or continue) training of `cfg` in `workdir`; see the module docstring."""
     with _SigtermFlag() as sigterm:  # installed first: a SIGTERM during setup stops after the first step
@@ -139,13 +163,14 @@ def _train(cfg, workdir: str, console, sigterm: _SigtermFlag) -> TrainResult:
     sleep_s = float(tcfg.debug_step_sleep_s)
 
     # --- mesh, model, state -------------------------------------------------------------------------------
-    mesh = shd.make_mesh(cfg.mesh.shape)
+    mesh = shd.make_mesh(cfg.mesh.shape, dcn_shape=cfg.mesh.get("dcn_shape"))
     batch_packs = int(tcfg.batch_packs)
     data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_packs % data_ways or batch_packs % jax.process_count():
+    if batch_packs % data_ways:
         raise ValueError(f"train.batch_packs={batch_packs} must be divisible by data·fsdp={data_ways} (mesh "
-                         f"{dict(mesh.shape)}) and by the {jax.process_count()} JAX process(es)")
-    local_packs = batch_packs // jax.process_count()
+                         f"{dict(mesh.shape)})")
+    batch_sharding = shd.data_sharding(mesh)
+    batch_rows = distributed.batch_rows_by_process(batch_sharding, batch_packs)
     say(f"mesh {dict(mesh.shape)} rules {cfg.mesh.rules!r} on {jax.device_count()} device(s), "
         f"{jax.process_count()} process(es); global batch {batch_packs} packs × {cfg.data.max_tokens} tokens")
 
@@ -179,11 +204,11 @@ def _train(cfg, workdir: str, console, sigterm: _SigtermFlag) -> TrainResult:
     ckpt = checkpointing.TrainCheckpointer(os.path.join(workdir, "checkpoints"), every=tcfg.checkpoint_every,
                                            keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpointing)
     restored_from = ckpt.latest_step()
-    data_state = None
+    data_item = None
     if restored_from is not None:
         del params  # the checkpoint replaces them
         target = checkpointing.abstract_target(abstract_state, state_shardings)
-        state, data_state = ckpt.restore(restored_from, target, batch_packs=batch_packs)
+        state, data_item = ckpt.restore(restored_from, target)
         if int(state.step) != restored_from:
             raise RuntimeError(f"checkpoint {restored_from} holds TrainState.step={int(state.step)}")
         say(f"restored checkpoint step {restored_from} from {ckpt.directory}")
@@ -192,14 +217,21 @@ def _train(cfg, workdir: str, console, sigterm: _SigtermFlag) -> TrainResult:
         del params
 
     # --- data ---------------------------------------------------------------------------------------------
-    from data_pipelines.loader import get_tokenizer, make_iterator
+    from data_pipelines.loader import get_tokenizer, make_sharded_iterator
 
+    layout = data_layout(tcfg, batch_rows, batch_packs, data_item, ckpt.directory, restored_from)
+    say(f"data: {layout.shards} shard(s) of {layout.rows_per_shard} pack(s) per step; process "
+        f"{jax.process_index()} feeds shard(s) {list(layout.local_shards)} ({layout.local_rows} of "
+        f"{batch_packs} packs)")
     ensure_dataset(cfg.data, console=say)
-    tokenizer = get_tokenizer(cfg.data, cfg.model, workdir=workdir)
-    iterator = make_iterator(cfg, tokenizer, packs_per_step=local_packs)
-    if data_state is not None:
-        iterator.set_state(data_state)
-    batch_sharding = shd.data_sharding(mesh)
+    if is_main:  # trains (and caches in workdir) the tokenizer once; the other processes then load it
+        tokenizer = get_tokenizer(cfg.data, cfg.model, workdir=workdir)
+    distributed.barrier("tokenizer")
+    if not is_main:
+        tokenizer = get_tokenizer(cfg.data, cfg.model, workdir=workdir)
+    iterator = make_sharded_iterator(cfg, tokenizer, layout)
+    if data_item is not None:
+        iterator.set_state(data_item["states"])
 
     def step_with_counters(state, batch, key):
         new_state, metrics = step_fn(state, batch, key)
@@ -212,12 +244,11 @@ def _train(cfg, workdir: str, console, sigterm: _SigtermFlag) -> TrainResult:
 
     def next_batch(step: int):
         """Global batch of train step `step` (0-based) + per-pack host info."""
-        packs, record_ids, tokens, samples, pack_flops = [], [], 0, 0, 0.0
-        for _ in range(local_packs):
-            pack = next(iterator)
+        packs, record_ids, rows, tokens, samples, pack_flops = [], [], [], 0, 0, 0.0
+        for row, pack, info in iterator.next_step():  # this process's rows, in local-row order
             check_stage(pack.stage, step, schedule, iterator.step)
-            info = iterator.last_pack
             packs.append(pack)
+            rows.append(row)
             record_ids.append(list(info.record_ids))
             tokens += info.num_real_tokens
             samples += len(info.record_ids)
@@ -229,11 +260,14 @@ def _train(cfg, workdir: str, console, sigterm: _SigtermFlag) -> TrainResult:
         info = dict(real_tokens=tokens, samples=samples, model_flops=pack_flops)
         if tcfg.log_record_ids:
             info["record_ids"] = record_ids
+            if jax.process_count() > 1 or layout.shards > 1:
+                info["pack_rows"] = rows
         return batch, info
 
     logger = MetricsLogger(workdir, log_every=tcfg.log_every, peak_flops=tcfg.peak_flops,
                            num_devices=jax.device_count(), process_count=jax.process_count(),
-                           stage_names=schedule.names, console=say)
+                           stage_names=schedule.names, console=say,
+                           process_rows=bool(tcfg.log_record_ids) and jax.process_count() > 1)
     if is_main:  # the config of the latest (re)start
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json_best_effort(indent=2))
@@ -280,7 +314,8 @@ def _train(cfg, workdir: str, console, sigterm: _SigtermFlag) -> TrainResult:
             if ckpt.should_save(step) or sigterm.requested:
                 process(pending)
                 pending = None
-                if ckpt.save(step, state, iterator.get_state(), batch_packs=batch_packs, force=True):
+                if ckpt.save(step, state, iterator.get_state(), batch_packs=batch_packs,
+                             data_shards=layout.shards, force=True):
                     saved_at = step
             if sigterm.requested:
                 preempted = True
@@ -290,7 +325,7 @@ def _train(cfg, workdir: str, console, sigterm: _SigtermFlag) -> TrainResult:
             pending = None
         logger.summarise()
         if saved_at != step and ckpt.save(step, state, iterator.get_state(), batch_packs=batch_packs,
-                                          force=True):
+                                          data_shards=layout.shards, force=True):
             saved_at = step
         ckpt.wait()
     except BaseException:

@@ -8,13 +8,16 @@ JSONL rows (one JSON object per line, appended; a restarted run appends to the s
       run, step (1-based: the number of updates done), stage, loss, ce, mse, grad_norm, lr, finite, skipped,
       consecutive_skipped, n_ce, n_mse, real_tokens, samples, model_flops, step_time_s, compile_step (the first
       step of a run: its time includes compilation),
-      record_ids (one list of record ids per pack of this process, in pack order; when train.log_record_ids)
+      record_ids (one list of record ids per pack of this process, in pack order; when train.log_record_ids),
+      pack_rows (the global batch row of each of those packs; with several processes or data shards)
   kind="summary"  one per log interval (and at the end of a run):
       run, step, stage, lr, loss, ce, mse, grad_norm (averages over the interval's finite steps, clu.metrics),
       steps, skipped_steps (in the interval), skipped_total, tokens_per_s, samples_per_s, model_flops_per_s,
       mfu (only when train.peak_flops > 0), elapsed_s
 
 `run` identifies one process start (so tests can tell an interrupted run from its restart).
+Only process 0 writes metrics.jsonl, TensorBoard and the console; with `process_rows` (several processes and
+train.log_record_ids) process k > 0 writes its step rows (its packs' record ids) to metrics.process<k>.jsonl.
 Throughput (tokens/s, samples/s, FLOPs/s) is over the interval's wall time excluding the first step of a run
 (it includes compilation) whenever the interval has other steps. Tokens and samples are those of this process's
 packs × process_count (each process's share of the global batch is assumed to be similar).
@@ -134,10 +137,11 @@ def _average(metric: clu_metrics.Average) -> float | None:
 class MetricsLogger:
     """Per-step rows → JSONL; every `log_every` steps a clu-aggregated summary → JSONL, TensorBoard, console.
 
-    Only process 0 writes (all processes may call it)."""
+    Only process 0 writes summaries, TensorBoard and the console (all processes call it); other processes
+    write their step rows to metrics.process<k>.jsonl when `process_rows`."""
 
     def __init__(self, workdir: str, *, log_every: int, peak_flops: float = 0.0, num_devices: int = 1,
-                 process_count: int = 1, stage_names=None, console=print):
+                 process_count: int = 1, stage_names=None, console=print, process_rows: bool = False):
         self.log_every, self.peak_flops = max(int(log_every), 1), float(peak_flops)
         self.num_devices, self.process_count = int(num_devices), int(process_count)
         self.stage_names = tuple(stage_names or ())
@@ -151,6 +155,9 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        elif process_rows:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, f"metrics.process{jax.process_index()}.jsonl"), "a")
         self._reset()
         self._first_step_of_run = True
 
@@ -196,7 +203,8 @@ class MetricsLogger:
         }
         if self.peak_flops > 0:
             summary["mfu"] = summary["model_flops_per_s"] / (self.peak_flops * self.num_devices)
-        self.write(summary)
+        if self.enabled:
+            self.write(summary)
         if self._tb is not None:
             for key, value in summary.items():
                 if key not in ("kind", "run", "step") and isinstance(value, (int, float)) and value is not None:

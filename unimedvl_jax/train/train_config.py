@@ -11,8 +11,15 @@ train.async_checkpointing        orbax enable_async_checkpointing
 train.max_consecutive_nonfinite  K: stop with an error after K non-finite (skipped) steps in a row
 train.peak_flops                 peak FLOP/s of ONE device, for MFU (0 = unknown: MFU not reported)
 train.seed                       model init and step RNG seed
+train.data_shards                S: the global batch is filled by S data shards, shard s reading records
+                                 source[s::S] into rows [s·B/S, (s+1)·B/S) (unimedvl_jax/distributed.py
+                                 DataShardLayout). Each process runs the iterators of the shards its devices hold,
+                                 so the batches depend on (S, B) only, not on the number of processes. 0 = the
+                                 checkpoint's S when resuming, else the fewest shards the process layout allows
+                                 (= the number of processes on GPU/CPU device orders)
 train.log_record_ids             per-step JSONL rows list the record ids each pack consumed (audits exact resume;
-                                 ~B·samples·60 bytes per step, so off for the 14B config)
+                                 ~B·samples·60 bytes per step, so off for the 14B config). With several processes,
+                                 process k>0 writes its rows to metrics.process<k>.jsonl
 train.write_final                write <workdir>/final/ (config.json + params/ + ema/) at the end of training
 train.init_vae_from              a VAE checkpoint (unimedvl-train-vae) installed into the model before training
                                  starts: its weights and fitted latent scale/shift ('' = keep the initialised VAE)
@@ -21,8 +28,10 @@ train.debug_poison_steps         TEST-ONLY hook: 1-based step numbers whose batc
 train.debug_step_sleep_s         TEST-ONLY hook: sleep this long after dispatching each step (lets tests
                                  interrupt a run at a chosen point; does not change any result)
 
-mesh.shape   (data, fsdp, tensor); one entry may be -1 (= the remaining devices)
-mesh.rules   logical-axis rules table: 'dp' | 'fsdp' | 'fsdp_tensor' (unimedvl_jax/sharding.py)
+mesh.shape      (data, fsdp, tensor); one entry may be -1 (= the remaining devices)
+mesh.dcn_shape  multi-slice (DCN) split of mesh.shape: slices along each axis (default (1, 1, 1)); e.g. shape
+                (4, 16, 1) with dcn_shape (2, 1, 1) = 2 slices of (2, 16, 1) joined over data (sharding.make_mesh)
+mesh.rules      logical-axis rules table: 'dp' | 'fsdp' | 'fsdp_tensor' (unimedvl_jax/sharding.py)
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         seed=0,
         write_final=True,
         init_vae_from="",
+        data_shards=0,
         log_record_ids=True,
         debug_poison_steps=(),
         debug_step_sleep_s=0.0,
@@ -52,9 +62,10 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     return c
 
 
-def mesh_config(shape=(-1, 1, 1), rules="dp") -> ml_collections.ConfigDict:
-    """The `mesh` section: device mesh shape over (data, fsdp, tensor) and the sharding rules table name."""
-    return ml_collections.ConfigDict(dict(shape=tuple(shape), rules=rules))
+def mesh_config(shape=(-1, 1, 1), rules="dp", dcn_shape=(1, 1, 1)) -> ml_collections.ConfigDict:
+    """The `mesh` section: device mesh shape over (data, fsdp, tensor), its multi-slice (DCN) split and the
+    sharding rules table name."""
+    return ml_collections.ConfigDict(dict(shape=tuple(shape), rules=rules, dcn_shape=tuple(dcn_shape)))
 
 
 def add_train_sections(cfg: ml_collections.ConfigDict, *, mesh_shape=(-1, 1, 1), rules="dp",
