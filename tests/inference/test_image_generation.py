@@ -211,7 +211,8 @@ def test_bf16_run_close_to_official_bf16(run, bf16_model, official_tokenizer, of
     fp32 weights under autocast (bf16 matmuls, fp32 elsewhere), so our bf16 run is a lower-precision model.
     Budget: 2.5x (first-step conditional velocity, same input) and 4x (final latents, after guidance
     amplification over the steps) the official code's own fp32-vs-bf16ac gap on the same tensor; measured
-    ratios are at most 1.6 and 3.3."""
+    ratios 1.2 and 2.5 here (1.6 / 1.6 and 1.6 / 1.8 for the two text→image runs, not repeated to save
+    compile time; their sampling arithmetic is checked bit for bit above)."""
     spec, t = official_manifest["fixtures"][f"{run}_bf16ac"], official_tensors(f"{run}_bf16ac")
     t32 = official_tensors(f"{run}_fp32")
     _, _, latents, trace = official_run(bf16_model, official_tokenizer, transforms, spec, t)
