@@ -34,7 +34,9 @@ class Context:
         if self.kv_len + n > self.cache.max_len:
             raise ValueError(f"context overflow: {self.kv_len} cached + {n} new tokens > max_len "
                              f"{self.cache.max_len}")
-        size = bucket(n)
+        # The padded chunk is written whole, and a write running past the cache end would be shifted back over
+        # cached slots (dynamic_update_slice clamps), so near the end the chunk is padded only to the end.
+        size = min(bucket(n), self.cache.max_len - self.kv_len)
         pad = size - n
         embeds = jnp.concatenate([embeds, jnp.zeros((pad, embeds.shape[1]), embeds.dtype)])
         kinds = np.concatenate([np.asarray(kinds, np.int32), np.full(pad, TEXT, np.int32)])
