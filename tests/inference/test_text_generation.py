@@ -10,7 +10,7 @@ from flax import nnx
 from unimedvl_jax.inference import decoding, kv_cache
 from unimedvl_jax.inference.context import Context
 from unimedvl_jax.inference.sampling import sample_token, top_p_mask
-from unimedvl_jax.inference.text_generation import ImageSegment, TextSegment, generate, prompt_length
+from unimedvl_jax.inference.text_generation import ImageSegment, TextSegment, generate, prefill, prompt_length
 from unimedvl_jax.models.bridges import patchify
 from unimedvl_jax.models.unimedvl import UniMedVL
 from unimedvl_jax.testing import Text, VitImage, build_packed_batch, small_model_config
@@ -143,6 +143,15 @@ def test_stops_at_im_end_and_at_max_length(model):
     assert got == [greedy_by_recompute(eos_model, it, MAX_NEW) for it in items]
     lengths = [len(row) for row in got]
     assert 0 in lengths and MAX_NEW in lengths and any(0 < n < MAX_NEW for n in lengths), lengths
+
+
+def test_prompt_filling_the_cache_to_its_end(model):
+    """The last chunk (12 tokens, bucket 16) would run past a 64-slot cache; it must not shift over the cache."""
+    prompt = [TextSegment(list(range(48))), TextSegment(list(range(10)))]
+    tight, roomy = prefill(model, prompt, 64), prefill(model, prompt, 256)
+    assert tight.kv_len == roomy.kv_len == prompt_length(prompt) == 62
+    np.testing.assert_allclose(np.asarray(tight.cache.keys[:, :62]), np.asarray(roomy.cache.keys[:, :62]),
+                               atol=1e-5)
 
 
 def test_clear_errors(model):

@@ -34,8 +34,8 @@ class ModelStructure:
         return hash(self.treedef)
 
     def __eq__(self, other):
-        return (isinstance(other, ModelStructure) and self.treedef == other.treedef
-                and self.graphdef == other.graphdef)
+        return self is other or (isinstance(other, ModelStructure) and self.treedef == other.treedef
+                                 and self.graphdef == other.graphdef)
 
 
 def split_model(model):
@@ -49,7 +49,8 @@ def split_model(model):
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
 def decode_step(structure: ModelStructure, params, cache, tokens, positions, active, key, step, temperature,
                 top_p):
-    """Feed tokens (B,) at positions (B,) to a batched cache; rows with active=False are left unchanged.
+    """Feed tokens (B,) at positions (B,) to a batched cache; rows with active=False keep their length (their
+    token is written as an invisible empty slot past it).
 
     Returns (cache, logits (B, V) fp32, next tokens (B,)); row r samples with fold_in(fold_in(key, r), step).
     """
