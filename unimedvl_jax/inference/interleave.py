@@ -202,5 +202,5 @@ def edit_image(model, tokenizer, image, instruction: str, *, image_shape=None, s
     contexts, input_shape = build_contexts(model, tokenizer, [image, instruction], vae_transform=vae_transform,
                                            vit_transform=vit_transform, key=jax.random.fold_in(key, 1),
                                            vae_eps=vae_eps)
-    return _sample(model, contexts, input_shape if image_shape is None else image_shape, seed=seed, init_noise=init_noise,
-                   sampler_kwargs={**EDIT_DEFAULTS, **sampler_kwargs}, text=text)
+    return _sample(model, contexts, input_shape if image_shape is None else image_shape, seed=seed,
+                   init_noise=init_noise, sampler_kwargs={**EDIT_DEFAULTS, **sampler_kwargs}, text=text)
