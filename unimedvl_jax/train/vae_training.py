@@ -139,6 +139,12 @@ def reconstruct(vae: AutoEncoder, images: np.ndarray, *, batch: int = 16) -> np.
     return _batched(fn, images, batch)
 
 
+def mean_psnr_db(vae: AutoEncoder, crops: dict[int, np.ndarray]) -> float:
+    """Mean reconstruction PSNR over groups of equal-size crops (center_crops' output)."""
+    return float(np.average([psnr(reconstruct(vae, c), c) for c in crops.values()],
+                            weights=[len(c) for c in crops.values()]))
+
+
 def latent_normalisation(vae: AutoEncoder, images: np.ndarray, *, batch: int = 16) -> tuple[float, float]:
     """(shift_factor, scale_factor) = (mean, 1/std) of the posterior means of a (N, H, W, 3) array."""
     flat = _batched(jax.jit(lambda x: vae.encode_moments(x)[0]), images, batch).astype(np.float64).reshape(-1)
@@ -177,6 +183,11 @@ def train_vae(cfg, out_dir: str, *, console=print) -> dict:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, terms
 
+    val = center_crops(held_out, int(tc.crop_size), int(vae_cfg.downsample))
+    # a fixed set of training crops (own seed) for the latent statistics and the train-set PSNR
+    fixed = next(CropSampler(images, int(tc.crop_size), int(tc.stats_crops), int(tc.seed) + 1))
+    initial = {"train": mean_psnr_db(nnx.merge(graphdef, params), {0: fixed}),
+               "val": mean_psnr_db(nnx.merge(graphdef, params), val)}
     sampler = CropSampler(images, int(tc.crop_size), int(tc.batch_size), int(tc.seed))
     key, start, history = jax.random.key(int(tc.seed)), time.time(), []
     for i in range(1, int(tc.steps) + 1):
@@ -191,17 +202,16 @@ def train_vae(cfg, out_dir: str, *, console=print) -> dict:
             if not np.isfinite(row["loss"]):
                 raise FloatingPointError(f"VAE training diverged at step {i}: {row}")
     vae = nnx.merge(graphdef, params)
-    shift, scale = latent_normalisation(vae, np.stack([next(sampler)[0] for _ in range(int(tc.stats_crops))]))
-    val = center_crops(held_out, int(tc.crop_size), int(vae_cfg.downsample))
-    val_psnr = float(np.average([psnr(reconstruct(vae, v), v) for v in val.values()],
-                                weights=[len(v) for v in val.values()]))
+    shift, scale = latent_normalisation(vae, fixed)
+    final = {"train": mean_psnr_db(vae, {0: fixed}), "val": mean_psnr_db(vae, val)}
     fitted = ml_collections.ConfigDict(vae_cfg.to_dict())
     fitted.shift_factor, fitted.scale_factor = shift, scale
     report = {"train_images": len(images), "steps": int(tc.steps), "seconds": round(time.time() - start, 1),
-              "val_psnr_db": val_psnr, "val_crops": {side: len(v) for side, v in val.items()},
+              "psnr_db": final, "psnr_db_at_init": initial, "val_crops": {side: len(v) for side, v in val.items()},
               "shift_factor": shift, "scale_factor": scale, "history": history}
     save_vae_checkpoint(out_dir, vae, fitted, report)
-    console(f"VAE: val reconstruction PSNR {report['val_psnr_db']:.2f} dB (centre crops, side: count {report['val_crops']}), "
+    console(f"VAE: reconstruction PSNR train crops {initial['train']:.2f} -> {final['train']:.2f} dB, val centre "
+            f"crops {initial['val']:.2f} -> {final['val']:.2f} dB (side: count {report['val_crops']}), "
             f"latent shift {shift:.4f} scale {scale:.4f}; saved {out_dir}")
     return report
 
