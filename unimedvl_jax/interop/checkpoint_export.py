@@ -27,7 +27,8 @@ from unimedvl_jax.models.bridges import PositionTable
 
 EXPORT_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "tokenizer.model")
+                   "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+                   "spm.model", "spm_tokenizer.json")  # the last two: a SentencePiece model trained by unimedvl-train
 
 
 @dataclasses.dataclass

@@ -341,6 +341,12 @@ def _train(cfg, workdir: str, console, sigterm: _SigtermFlag) -> TrainResult:
     if step >= steps_total and not preempted and tcfg.write_final:
         final_dir = checkpointing.write_final(os.path.join(workdir, "final"), graphdef, rest, state, cfg.model)
         say(f"wrote export-ready params checkpoint {final_dir} (unimedvl-export --checkpoint {final_dir})")
+    if is_main and step > 0:
+        from unimedvl_jax.train.loss_plot import plot_loss_curves
+
+        plot = plot_loss_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss_curves.png"),
+                                schedule.names)
+        say(f"loss curves: {plot}")
     return TrainResult(step=step, finished=step >= steps_total, preempted=preempted, restored_from=restored_from,
                        final_dir=final_dir)
 
