@@ -194,3 +194,34 @@ def test_missing_process_fails_with_clear_error():
     assert (f"unimedvl: error: process 0 of 2 (env): not all 2 processes connected to the coordinator "
             f"127.0.0.1:{port} started by this process within 3 s (UNIMEDVL_INIT_TIMEOUT)") in proc.stderr
     assert seconds < 3 + 30, seconds
+
+
+def test_multi_slice_mesh_keeps_slices_in_dcn_blocks():
+    import dataclasses
+
+    import jax
+
+    from unimedvl_jax.sharding import hybrid_device_grid, make_mesh
+
+    @dataclasses.dataclass(frozen=True)
+    class Dev:  # what mesh_utils reads of a device
+        id: int
+        process_index: int
+        slice_index: int | None
+        platform: str
+        device_kind: str
+    devices = [Dev(i, i // 4, i // 8, "cpu", "cpu") for i in range(16)]  # 2 slices × 2 hosts × 4 devices
+    grid = hybrid_device_grid([2, 8, 1], [2, 1, 1], devices)  # data over DCN, fsdp inside a slice
+    assert grid.shape == (2, 8, 1)
+    assert [{d.slice_index for d in grid[i].ravel()} for i in range(2)] == [{0}, {1}]
+    grid = hybrid_device_grid([4, 4, 1], [2, 1, 1], devices)
+    assert [{d.slice_index for d in grid[i].ravel()} for i in range(4)] == [{0}, {0}, {1}, {1}]
+    no_slices = [Dev(i, i // 4, None, "cpu", "cpu") for i in range(8)]  # processes stand for slices
+    grid = hybrid_device_grid([2, 4, 1], [2, 1, 1], no_slices)
+    assert [{d.process_index for d in grid[i].ravel()} for i in range(2)] == [{0}, {1}]
+    with pytest.raises(ValueError, match=r"mesh.dcn_shape \(4, 1, 1\) needs 4 slices, have 2"):
+        hybrid_device_grid([4, 4, 1], [4, 1, 1], devices)
+    with pytest.raises(ValueError, match="must divide mesh.shape"):
+        hybrid_device_grid([3, 4, 1], [2, 1, 1], devices)
+    mesh = make_mesh((1, -1, 1), dcn_shape=(1, 1, 1))  # one slice: the plain jax.make_mesh path
+    assert dict(mesh.shape) == {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
