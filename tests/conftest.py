@@ -74,3 +74,13 @@ def official_tokenizer(official_dir) -> OfficialByteTokenizer:
 from absl import flags as _absl_flags  # noqa: E402
 
 _absl_flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture(scope="session")
+def unimed_mini_dir(tmp_path_factory) -> pathlib.Path:
+    """unimed-mini built once per test session (a TFDS data dir); tests only read it."""
+    from data_pipelines import build
+
+    data_dir = tmp_path_factory.mktemp("unimed_mini")
+    assert build.main(["--dataset", "unimed-mini", "--data-dir", str(data_dir)]) == 0
+    return data_dir

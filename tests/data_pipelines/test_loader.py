@@ -10,10 +10,8 @@ from data_pipelines.loader import get_tokenizer, make_iterator, open_split
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("data")
-    assert build.main(["--dataset", "unimed-mini", "--data-dir", str(data_dir)]) == 0
-    return data_dir
+def built(unimed_mini_dir):
+    return unimed_mini_dir
 
 
 def test_build_is_cached(built, capsys):

@@ -39,17 +39,14 @@ def check(proc, what):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    from data_pipelines import build
-
+def runs(tmp_path_factory, unimed_mini_dir):
     base = tmp_path_factory.mktemp("harness")
-    assert build.main(["--dataset", "unimed-mini", "--data-dir", str(base / "data")]) == 0
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=FAST_XLA,
                JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     for key in [k for k in env if k.startswith(("UNIMEDVL_", "SLURM_"))]:
         del env[key]
-    common = [f"--config={CONFIG}", f"--config.data.data_dir={base / 'data'}"]
+    common = [f"--config={CONFIG}", f"--config.data.data_dir={unimed_mini_dir}"]
     one_env = dict(env, XLA_FLAGS=f"{FAST_XLA} --xla_force_host_platform_device_count=8")
 
     def trainer(workdir, *extra):

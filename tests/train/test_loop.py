@@ -27,13 +27,10 @@ TIMEOUT = 600
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, unimed_mini_dir):
     """Built unimed-mini + a compilation cache shared by the module's runs."""
-    from data_pipelines import build
-
     base = tmp_path_factory.mktemp("loop")
-    assert build.main(["--dataset", "unimed-mini", "--data-dir", str(base / "data")]) == 0
-    return {"data": base / "data", "cache": base / "jax_cache", "base": base}
+    return {"data": unimed_mini_dir, "cache": base / "jax_cache", "base": base}
 
 
 def launch(env, workdir, *overrides, devices=1):

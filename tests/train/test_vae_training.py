@@ -23,14 +23,11 @@ def _no_eager_sharding():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, unimed_mini_dir):
     """An 80-step run of an 8-channel VAE on 32² crops of 64 unimed-mini images."""
-    from data_pipelines import build
-
     base = tmp_path_factory.mktemp("vae")
-    assert build.main(["--dataset", "unimed-mini", "--data-dir", str(base / "data")]) == 0
     cfg = tiny.get_config()
-    cfg.data.data_dir = str(base / "data")
+    cfg.data.data_dir = str(unimed_mini_dir)
     cfg.model.vae.update(ch=8, num_res_blocks=1, norm_groups=4)
     cfg.vae_training = vt.vae_training_config(steps=80, batch_size=8, crop_size=32, lr=2e-3, warmup_steps=5,
                                               log_every=20, max_images=64, eval_images=8, stats_crops=32)

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from unimedvl_jax.interop.name_map import AE_FILE, EMA_FILE, TO_OFFICIAL, build_name_map
-from unimedvl_jax.interop.official_config import VIT_LAYERS_DROPPED
+from unimedvl_jax.interop.official_config import VAE_PARAM_KEYS, VIT_LAYERS_DROPPED
 from unimedvl_jax.interop.safetensors_io import write_streaming
 from unimedvl_jax.models.bridges import PositionTable
 
@@ -71,9 +71,7 @@ def official_config_files(cfg, dtype: str = "bfloat16") -> dict[str, dict]:
         "bagel_config": {k: cfg[k] for k in ("latent_patch_size", "max_latent_size", "vit_max_num_patch_per_side",
                                              "connector_act", "interpolate_pos", "timestep_shift")},
         "bagel_config_fixed": {"visual_gen": True, "visual_und": True, "freeze_vae": True, "enable_e2e_vae": False},
-        "vae_params": {k: (list(vae[k]) if k == "ch_mult" else vae[k]) for k in (
-            "resolution", "in_channels", "downsample", "ch", "out_ch", "ch_mult", "num_res_blocks", "z_channels",
-            "scale_factor", "shift_factor")},
+        "vae_params": {k: (list(vae[k]) if k == "ch_mult" else vae[k]) for k in VAE_PARAM_KEYS},
         "special_token_ids": tok.to_dict(),
     }
     return {"llm_config.json": llm_json, "vit_config.json": vit_json, "bagel_config.json": bagel_json}

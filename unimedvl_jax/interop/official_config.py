@@ -56,6 +56,12 @@ def model_config_from_official(ckpt_dir, *, base: ml_collections.ConfigDict | No
     return cfg
 
 
+# FLUX AE fields carried in bagel_config.json's vae_params (the official AE hard-codes them; norm_groups/norm_eps
+# only differ from FLUX's 32 / 1e-6 in small from-scratch VAEs and are optional when reading).
+VAE_PARAM_KEYS = ("resolution", "in_channels", "downsample", "ch", "out_ch", "ch_mult", "num_res_blocks",
+                  "z_channels", "scale_factor", "shift_factor", "norm_groups", "norm_eps")
+
+
 def _apply_bagel_fields(cfg, extra):
     for key in ("latent_patch_size", "max_latent_size", "vit_max_num_patch_per_side", "timestep_shift",
                 "interpolate_pos", "connector_act"):
@@ -63,7 +69,6 @@ def _apply_bagel_fields(cfg, extra):
             cfg[key] = extra["bagel_config"][key]
     if "vae_params" in extra:
         vae = dict(extra["vae_params"])
-        cfg.vae.update({k: vae[k] for k in ("resolution", "in_channels", "downsample", "ch", "out_ch", "ch_mult",
-                                            "num_res_blocks", "z_channels", "scale_factor", "shift_factor")})
+        cfg.vae.update({k: vae[k] for k in VAE_PARAM_KEYS if k in vae})
     if "special_token_ids" in extra:
         cfg.special_tokens.update(extra["special_token_ids"])
