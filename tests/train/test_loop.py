@@ -24,6 +24,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = "tests/train/loop_config.py"
 STEPS = 12
 TIMEOUT = 600
+# Compile time dominates these runs; every run of a comparison uses the same flags.
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,9 @@ def env(tmp_path_factory, unimed_mini_dir):
 def launch(env, workdir, *overrides, devices=1):
     """Start `python -m unimedvl_jax.train_cli` on `devices` simulated CPU devices."""
     proc_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-                    JAX_COMPILATION_CACHE_DIR=str(env["cache"]),
-                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+                    JAX_COMPILATION_CACHE_DIR=str(env["cache"]), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+                    XLA_FLAGS=f"{FAST_XLA} --xla_force_host_platform_device_count={devices}")
     cmd = [sys.executable, "-m", "unimedvl_jax.train_cli", f"--config={CONFIG}", f"--workdir={workdir}",
            f"--config.data.data_dir={env['data']}", *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -157,7 +160,7 @@ def test_sigterm_saves_and_exits_zero_then_resumes(env, reference):
 
 
 def test_restore_onto_other_mesh_shapes(env):
-    common = ("--config.train.batch_packs=8", "--config.train.write_final=False")
+    common = ("--config.train.batch_packs=8", "--config.train.write_final=False", "--config.data.num_workers=0")
     ref_dir = env["base"] / "mesh_222"
     run(env, ref_dir, *common, "--config.mesh.shape=(2,2,2)", "--config.mesh.rules=fsdp_tensor", devices=8)
     ref = {r["step"]: r for r in rows(ref_dir)}
@@ -181,7 +184,7 @@ def test_restore_onto_other_mesh_shapes(env):
 
 def test_consecutive_nonfinite_steps_stop_with_error(env):
     workdir = env["base"] / "nonfinite"
-    _, err = run(env, workdir, "--config.train.debug_poison_steps=(2,5,6,7)",
+    _, err = run(env, workdir, "--config.train.debug_poison_steps=(2,5,6,7)", "--config.data.num_workers=0",
                  "--config.train.max_consecutive_nonfinite=3", expect_rc=1)
     assert "step 7: 3 consecutive non-finite steps (train.max_consecutive_nonfinite=3)" in err
     assert "loss terms at step 7: ce=nan, mse=" in err and "loss=nan, grad_norm=" in err
@@ -272,6 +275,7 @@ def test_iterator_packs_follow_train_steps_and_stage_check(env, tmp_path):
     from unimedvl_jax.train.loop import StageMismatchError, check_stage
 
     cfg = loop_config(env["data"])
+    cfg.data.num_workers = 0  # stage tagging does not depend on worker processes (each would cost a spawn)
     schedule = StageSchedule.from_config(cfg.curriculum)
     it = make_iterator(cfg, get_tokenizer(cfg.data, cfg.model, workdir=str(tmp_path)), packs_per_step=3)
     for step in range(STEPS):  # 3 packs per train step: all of them carry the step's stage
