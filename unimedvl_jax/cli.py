@@ -7,7 +7,11 @@ import sys
 import time
 
 
-def _setup_jax():
+def _setup_jax(prog: str):
+    """Join a multi-process job when the environment describes one (a no-op otherwise), then configure flax."""
+    from unimedvl_jax import distributed
+
+    distributed.initialize_or_exit(prog)
     from flax import nnx
     nnx.use_eager_sharding(False)
 
@@ -33,7 +37,7 @@ def import_main(argv=None) -> int:
                    help="override a model config field after reading the JSON files, e.g. "
                         "attention_backend=chunked (repeatable; values parsed as JSON when possible)")
     args = p.parse_args(argv)
-    _setup_jax()
+    _setup_jax("unimedvl-import")
     from unimedvl_jax.interop.checkpoint_import import import_official
     from unimedvl_jax.interop.official_config import model_config_from_official
     from unimedvl_jax.interop.params_checkpoint import save_params_checkpoint
@@ -72,7 +76,7 @@ def export_main(argv=None) -> int:
                    help="directory with tokenizer files (vocab.json, merges.txt, tokenizer.json, ...) to copy")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
-    _setup_jax()
+    _setup_jax("unimedvl-export")
     from unimedvl_jax.interop.checkpoint_export import export_official
     from unimedvl_jax.interop.params_checkpoint import load_params_checkpoint
 
@@ -125,7 +129,7 @@ def eval_vqa_main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--out", default=None, help="write the full report (every answer) as JSON here")
     args = p.parse_args(argv)
-    _setup_jax()
+    _setup_jax("unimedvl-eval-vqa")
     import json
 
     from data_pipelines.loader import open_split

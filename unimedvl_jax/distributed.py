@@ -474,3 +474,14 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def initialize_or_exit(prog: str, *, timeout_s: float | None = None) -> ClusterSpec:
+    """initialize() for command-line entry points: a failed join prints `prog: error: ...` and exits with 3."""
+    import sys
+
+    try:
+        return initialize(timeout_s=timeout_s)
+    except DistributedInitError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(INIT_TIMEOUT_EXIT)

@@ -49,7 +49,10 @@ def _sampler_kwargs(args) -> dict:
                 cfg_renorm_type=args.cfg_renorm_type, cfg_renorm_min=args.cfg_renorm_min)
 
 
-def _load(args):
+def _load(args, prog: str):
+    from unimedvl_jax import distributed
+
+    distributed.initialize_or_exit(prog)
     from flax import nnx
 
     nnx.use_eager_sharding(False)
@@ -83,7 +86,7 @@ def vqa_main(argv=None) -> int:
     p.add_argument("--question", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args(argv)
-    loaded = _load(args)
+    loaded = _load(args, "unimedvl-vqa")
     from unimedvl_jax.eval.vqa import answer_image
 
     print(answer_image(loaded.model, loaded.tokenizer, loaded.vit_transform, _input_image(args), args.question,
@@ -112,7 +115,7 @@ def generate_main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.num_images < 1:
         p.error("--num-images must be ≥ 1")
-    loaded = _load(args)
+    loaded = _load(args, "unimedvl-generate")
     from unimedvl_jax.inference.interleave import text_to_image
 
     size = tuple(args.size) if args.size else loaded.image_size
@@ -140,7 +143,7 @@ def edit_main(argv=None) -> int:
                    help="describe the image first and append the reply to the instruction (§5.5)")
     _sampler_args(p, EDIT_DEFAULTS)
     args = p.parse_args(argv)
-    loaded = _load(args)
+    loaded = _load(args, "unimedvl-edit")
     from unimedvl_jax.inference.interleave import edit_image
 
     result = edit_image(loaded.model, loaded.tokenizer, _input_image(args), args.instruction, seed=args.seed,

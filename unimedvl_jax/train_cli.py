@@ -35,11 +35,8 @@ def _run(argv) -> None:
     logging.getLogger().setLevel(logging.WARNING)
     from unimedvl_jax import distributed
 
-    try:  # before any JAX computation: joins the multi-process job described by the environment, if any
-        spec = distributed.initialize(timeout_s=_INIT_TIMEOUT.value)
-    except distributed.DistributedInitError as e:
-        print(f"unimedvl-train: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(distributed.INIT_TIMEOUT_EXIT)
+    # before any JAX computation: joins the multi-process job described by the environment, if any
+    spec = distributed.initialize_or_exit("unimedvl-train", timeout_s=_INIT_TIMEOUT.value)
     if spec.multi_process:
         print(f"unimedvl-train: {spec.describe()}", flush=True)
     from flax import nnx

@@ -24,6 +24,9 @@ def _run(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.WARNING)
+    from unimedvl_jax import distributed
+
+    distributed.initialize_or_exit("unimedvl-train-vae")
     from flax import nnx
 
     nnx.use_eager_sharding(False)
