@@ -269,7 +269,7 @@ def run_demo(cfg, workdir: str, *, images_per_prompt: int = 2, sr_images: int = 
     progress.step(f"export to the official PyTorch layout -> {export_dir}")
     exported = export_official(model, loaded.cfg, export_dir, dtype="bfloat16",
                                tokenizer_dir=os.path.join(train_dir, "tokenizer"), overwrite=True)
-    progress.say(f"{exported.tensors} tensors ({exported.dtype})")
+    progress.say(", ".join(f"{name}: {n} tensors" for name, n in exported.tensors.items()) + f" ({exported.dtype})")
     progress.done()
 
     report = {"config": cfg.get("name", "tiny"), "train_steps": total_steps(cfg), "vae": vae_report, "vqa": vqa,
