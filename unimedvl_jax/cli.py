@@ -9,11 +9,9 @@ import time
 
 def _setup_jax(prog: str):
     """Join a multi-process job when the environment describes one (a no-op otherwise), then configure flax."""
-    from unimedvl_jax import distributed
+    from unimedvl_jax.entry_point import start
 
-    distributed.initialize_or_exit(prog)
-    from flax import nnx
-    nnx.use_eager_sharding(False)
+    start(prog)
 
 
 def import_main(argv=None) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import json
-import logging
 import os
 import time
 
@@ -284,15 +283,9 @@ def run_demo(cfg, workdir: str, *, images_per_prompt: int = 2, sr_images: int = 
 
 
 def _run(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.WARNING)
-    from unimedvl_jax import distributed
+    from unimedvl_jax.entry_point import start
 
-    distributed.initialize_or_exit("unimedvl-demo")
-    from flax import nnx
-
-    nnx.use_eager_sharding(False)
+    start("unimedvl-demo", argv)
     run_demo(_CONFIG.value, _WORKDIR.value, images_per_prompt=_IMAGES_PER_PROMPT.value, sr_images=_SR_IMAGES.value,
              gen_steps=_GEN_STEPS.value)
 

@@ -50,12 +50,9 @@ def _sampler_kwargs(args) -> dict:
 
 
 def _load(args, prog: str):
-    from unimedvl_jax import distributed
+    from unimedvl_jax.entry_point import start
 
-    distributed.initialize_or_exit(prog)
-    from flax import nnx
-
-    nnx.use_eager_sharding(False)
+    start(prog)
     from unimedvl_jax.inference.loading import load_for_inference
 
     start = time.time()

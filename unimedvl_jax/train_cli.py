@@ -15,7 +15,6 @@ wait for the coordinator and the other processes.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import app, flags
@@ -30,18 +29,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _run(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.WARNING)
-    from unimedvl_jax import distributed
+    from unimedvl_jax.entry_point import start
 
     # before any JAX computation: joins the multi-process job described by the environment, if any
-    spec = distributed.initialize_or_exit("unimedvl-train", timeout_s=_INIT_TIMEOUT.value)
+    spec = start("unimedvl-train", argv, timeout_s=_INIT_TIMEOUT.value)
     if spec.multi_process:
         print(f"unimedvl-train: {spec.describe()}", flush=True)
-    from flax import nnx
-
-    nnx.use_eager_sharding(False)  # variables are placed by sharding.shard_model
     from unimedvl_jax.train.loop import NonFiniteError, StageMismatchError, train
 
     try:

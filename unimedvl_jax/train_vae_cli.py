@@ -9,7 +9,6 @@ command line.
 
 from __future__ import annotations
 
-import logging
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -21,15 +20,9 @@ flags.mark_flags_as_required(["config", "out"])
 
 
 def _run(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.WARNING)
-    from unimedvl_jax import distributed
+    from unimedvl_jax.entry_point import start
 
-    distributed.initialize_or_exit("unimedvl-train-vae")
-    from flax import nnx
-
-    nnx.use_eager_sharding(False)
+    start("unimedvl-train-vae", argv)
     from unimedvl_jax.train.loop import ensure_dataset
     from unimedvl_jax.train.vae_training import train_vae
 
