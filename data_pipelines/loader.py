@@ -9,9 +9,8 @@ import jax
 
 from data_pipelines import tfds_builder
 from data_pipelines.packing import Packer
-from data_pipelines.pipeline import PackedBatchIterator, ShardedPackIterator, record_bytes, split_by_task
+from data_pipelines.pipeline import PackedBatchIterator, ShardedPackIterator, source_records, split_by_task
 from data_pipelines.sample_plan import Planner
-from data_pipelines.schema import BadRecord, Record
 from unimedvl_jax.tokenizers import SentencePieceTokenizer, load_tokenizer
 from unimedvl_jax.train.curriculum import StageSchedule
 
@@ -28,15 +27,9 @@ def open_split(data_cfg, split: str):
 
 
 def corpus_texts(source) -> list[str]:
-    """Every text segment of a source's records (bad records skipped), for training a tokenizer."""
-    texts = []
-    for i in range(len(source)):
-        try:
-            record = Record.from_bytes(record_bytes(source[i]), record_id=f"index {i}")
-        except BadRecord:
-            continue
-        texts.extend(s.text for s in record.segments if s.kind == "text" and s.text)
-    return texts
+    """Every text segment of a source's records (bad records logged and skipped), for training a tokenizer."""
+    return [s.text for record in source_records(source, name="tokenizer corpus") for s in record.segments
+            if s.kind == "text" and s.text]
 
 
 def get_tokenizer(data_cfg, model_cfg, *, workdir: str | None = None):

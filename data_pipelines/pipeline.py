@@ -40,6 +40,15 @@ def record_bytes(element) -> bytes:
     return value.tobytes() if isinstance(value, np.ndarray) else bytes(value)
 
 
+def source_records(source, *, name: str = "source"):
+    """Every decodable Record of a random-access source, in order; undecodable ones are logged and skipped."""
+    for i in range(len(source)):
+        try:
+            yield Record.from_bytes(record_bytes(source[i]), record_id=f"{name}[{i}]")
+        except BadRecord as e:
+            log.warning("skipping undecodable record: %s", e)
+
+
 class IndexedSource:
     """A random-access view of `source` at `indices` (picklable when `source` is)."""
 

@@ -231,20 +231,6 @@ def data_source(path, split: str):
     return tfds.builder_from_directory(str(path)).as_data_source(split=split)
 
 
-def source_records(source, *, name: str = "source") -> Iterator[Record]:
-    """Every decodable Record of a random-access source, in order; undecodable ones are logged and skipped."""
-    import logging
-
-    from data_pipelines.pipeline import record_bytes
-    from data_pipelines.schema import BadRecord
-
-    for i in range(len(source)):
-        try:
-            yield Record.from_bytes(record_bytes(source[i]), record_id=f"{name}[{i}]")
-        except BadRecord as e:
-            logging.getLogger(__name__).warning("skipping undecodable record: %s", e)
-
-
 def decode_example(example: dict) -> Record:
     """TFDS example dict -> schema.Record (raises schema.BadRecord on corrupt bytes)."""
     record_id = example["id"].decode() if isinstance(example["id"], bytes) else str(example["id"])

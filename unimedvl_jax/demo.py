@@ -87,7 +87,7 @@ def modality_answers(train_source) -> dict[str, str]:
 def generation_prompts(train_source) -> list[dict]:
     """The first text→image record of every modality in the train split: prompt, modality, reference image."""
     from data_pipelines.schema import decode_image
-    from data_pipelines.tfds_builder import source_records
+    from data_pipelines.pipeline import source_records
 
     chosen = {}
     for record in source_records(train_source, name="train"):
@@ -100,7 +100,7 @@ def generation_prompts(train_source) -> list[dict]:
 
 def sr_records(sources: list, limit: int) -> list:
     """Up to `limit` held-out 2× super-resolution records, at most one per source scan."""
-    from data_pipelines.tfds_builder import source_records
+    from data_pipelines.pipeline import source_records
 
     out, scans = [], set()
     for name, source in sources:

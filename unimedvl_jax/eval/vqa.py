@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines.schema import decode_image
-from data_pipelines.tfds_builder import source_records
+from data_pipelines.pipeline import source_records
 from data_pipelines.transforms import ImageTransform, patchify_vit
 from unimedvl_jax.inference.context import Context
 from unimedvl_jax.inference.kv_cache import bucket

@@ -52,7 +52,7 @@ def split_images(data_cfg, split: str, *, max_images: int = 0) -> list[np.ndarra
     """Distinct images of a split, each resized by the VAE transform (§6) to float32 HxWx3 in [-1, 1]."""
     from data_pipelines.loader import open_split
     from data_pipelines.schema import decode_image
-    from data_pipelines.tfds_builder import source_records
+    from data_pipelines.pipeline import source_records
     from data_pipelines.transforms import ImageTransform
 
     transform = ImageTransform.from_config(data_cfg.vae_transform)
