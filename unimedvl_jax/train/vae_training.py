@@ -133,10 +133,19 @@ def _batched(fn, crops: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate(out)
 
 
+@nnx.jit
+def _posterior_mean(vae: AutoEncoder, x):
+    return vae.encode_moments(x)[0]
+
+
+@nnx.jit
+def _reconstruction(vae: AutoEncoder, x):
+    return jnp.clip(vae.decoder(vae.encode_moments(x)[0]), -1.0, 1.0)
+
+
 def reconstruct(vae: AutoEncoder, images: np.ndarray, *, batch: int = 16) -> np.ndarray:
     """Posterior-mean reconstructions, clipped to [-1, 1], of a (N, H, W, 3) array."""
-    fn = jax.jit(lambda x: jnp.clip(vae.decoder(vae.encode_moments(x)[0]), -1.0, 1.0))
-    return _batched(fn, images, batch)
+    return _batched(lambda x: _reconstruction(vae, x), images, batch)
 
 
 def mean_psnr_db(vae: AutoEncoder, crops: dict[int, np.ndarray]) -> float:
@@ -147,7 +156,7 @@ def mean_psnr_db(vae: AutoEncoder, crops: dict[int, np.ndarray]) -> float:
 
 def latent_normalisation(vae: AutoEncoder, images: np.ndarray, *, batch: int = 16) -> tuple[float, float]:
     """(shift_factor, scale_factor) = (mean, 1/std) of the posterior means of a (N, H, W, 3) array."""
-    flat = _batched(jax.jit(lambda x: vae.encode_moments(x)[0]), images, batch).astype(np.float64).reshape(-1)
+    flat = _batched(lambda x: _posterior_mean(vae, x), images, batch).astype(np.float64).reshape(-1)
     std = float(flat.std())
     if not np.isfinite(std) or std <= 0:
         raise ValueError(f"degenerate VAE latents (std {std}); training diverged?")
@@ -166,8 +175,7 @@ def train_vae(cfg, out_dir: str, *, console=print) -> dict:
             f"{tc.batch_size}×{tc.crop_size}² crops")
     vae = AutoEncoder(vae_cfg, rngs=nnx.Rngs(int(tc.seed)))
     schedule = optax.warmup_cosine_decay_schedule(0.0, float(tc.lr), min(int(tc.warmup_steps), int(tc.steps) // 2),
-                                                  int(tc.steps),
-                                                  float(tc.min_lr))
+                                                  int(tc.steps), float(tc.min_lr))
     tx = optax.chain(optax.clip_by_global_norm(float(tc.grad_clip)), optax.adam(schedule))
     graphdef, params = nnx.split(vae, nnx.Param)
     params = jax.tree.map(jnp.asarray, params.to_pure_dict())
