@@ -1,4 +1,4 @@
-"""Command-line entry points (see README): unimedvl-import and unimedvl-export."""
+"""Command-line entry points (see README): unimedvl-import, unimedvl-export and unimedvl-eval-vqa."""
 
 from __future__ import annotations
 
@@ -6,12 +6,7 @@ import argparse
 import sys
 import time
 
-
-def _setup_jax(prog: str):
-    """Join a multi-process job when the environment describes one (a no-op otherwise), then configure flax."""
-    from unimedvl_jax.entry_point import start
-
-    start(prog)
+from unimedvl_jax import entry_point
 
 
 def import_main(argv=None) -> int:
@@ -35,7 +30,7 @@ def import_main(argv=None) -> int:
                    help="override a model config field after reading the JSON files, e.g. "
                         "attention_backend=chunked (repeatable; values parsed as JSON when possible)")
     args = p.parse_args(argv)
-    _setup_jax("unimedvl-import")
+    entry_point.start("unimedvl-import")
     from unimedvl_jax.interop.checkpoint_import import import_official
     from unimedvl_jax.interop.official_config import model_config_from_official
     from unimedvl_jax.interop.params_checkpoint import save_params_checkpoint
@@ -74,7 +69,7 @@ def export_main(argv=None) -> int:
                    help="directory with tokenizer files (vocab.json, merges.txt, tokenizer.json, ...) to copy")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
-    _setup_jax("unimedvl-export")
+    entry_point.start("unimedvl-export")
     from unimedvl_jax.interop.checkpoint_export import export_official
     from unimedvl_jax.interop.params_checkpoint import load_params_checkpoint
 
@@ -104,10 +99,6 @@ def _override(cfg, item: str):
     node[leaf] = value
 
 
-if __name__ == "__main__":
-    sys.exit(import_main())
-
-
 def eval_vqa_main(argv=None) -> int:
     """unimedvl-eval-vqa: accuracy on held-out questions with ground-truth answers (e.g. modality questions)."""
     p = argparse.ArgumentParser(
@@ -127,7 +118,7 @@ def eval_vqa_main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--out", default=None, help="write the full report (every answer) as JSON here")
     args = p.parse_args(argv)
-    _setup_jax("unimedvl-eval-vqa")
+    entry_point.start("unimedvl-eval-vqa")
     import json
 
     from data_pipelines.loader import open_split
@@ -173,3 +164,7 @@ def _data_section(args):
             data_cfg.vit_transform.update(json.load(f).get("data", {}).get("vit_transform", {}))
     data_cfg.data_dir, data_cfg.dataset = args.data_dir, args.dataset
     return data_cfg
+
+
+if __name__ == "__main__":
+    sys.exit(import_main())
