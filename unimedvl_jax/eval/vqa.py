@@ -14,8 +14,7 @@ from PIL import Image
 from data_pipelines.schema import decode_image
 from data_pipelines.pipeline import source_records
 from data_pipelines.transforms import ImageTransform, patchify_vit
-from unimedvl_jax.inference.context import Context
-from unimedvl_jax.inference.kv_cache import bucket
+from unimedvl_jax.inference.text_generation import ImageSegment, TextSegment, generate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +63,8 @@ def answer_image(model, tokenizer, transform: ImageTransform, image, question: s
     pixels = transform(Image.fromarray(image) if isinstance(image, np.ndarray) else image)
     patch = model.cfg.vit.patch_size
     grid = (pixels.shape[0] // patch, pixels.shape[1] // patch)
-    question_ids = tokenizer.encode(question)
-    needed = grid[0] * grid[1] + len(question_ids) + max_new_tokens + 8
-    ctx = Context.new(model, max_len=bucket(needed, minimum=256))  # few distinct cache sizes: few compiles
-    ctx = ctx.add_vit_image(patchify_vit(pixels, patch), grid).add_text(question_ids)
-    ids, _ = ctx.generate_text(max_new_tokens + 1)
-    return tokenizer.decode(ids[1:])
+    prompt = [ImageSegment(patchify_vit(pixels, patch), grid), TextSegment(tokenizer.encode(question))]
+    return tokenizer.decode(generate(model, [prompt], max_new_tokens)[0])
 
 
 def evaluate(model, tokenizer, transform: ImageTransform, items: list[VQAItem], *, max_new_tokens: int = 16):
