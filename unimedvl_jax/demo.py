@@ -58,11 +58,6 @@ class Progress:
         print(f"    {text}", flush=True)
 
 
-def _psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
-    err = float(np.mean(np.square(a.astype(np.float64) - b.astype(np.float64))))
-    return float("inf") if err == 0 else 10 * np.log10(255.0 ** 2 / err)
-
-
 def _resize(image: np.ndarray, hw) -> np.ndarray:
     from PIL import Image
 
@@ -177,7 +172,7 @@ def run_demo(cfg, workdir: str, *, images_per_prompt: int = 2, sr_images: int = 
     from unimedvl_jax.interop.checkpoint_export import export_official
     from unimedvl_jax.train.loop import ensure_dataset, train
     from unimedvl_jax.train.train_config import total_steps
-    from unimedvl_jax.train.vae_training import train_vae
+    from unimedvl_jax.train.vae_training import psnr, train_vae
 
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -250,8 +245,8 @@ def run_demo(cfg, workdir: str, *, images_per_prompt: int = 2, sr_images: int = 
                          vit_transform=loaded.vit_transform, num_timesteps=gen_steps).image
         reference = _resize(target, out.shape[:2])
         row = {"record": record.id, "instruction": instruction,
-               "psnr_bicubic": _psnr_uint8(_resize(low, out.shape[:2]), reference),
-               "psnr_model": _psnr_uint8(out, reference)}
+               "psnr_bicubic": psnr(_resize(low, out.shape[:2]), reference, peak=255.0),
+               "psnr_model": psnr(out, reference, peak=255.0)}
         sr_items.append(row)
         grid_rows.append((f"SR {record.modality}", [("input (bicubic)", low), ("model", out), ("target", target)]))
         progress.say(f"{record.id}: PSNR bicubic {row['psnr_bicubic']:.2f} dB, model {row['psnr_model']:.2f} dB")

@@ -107,10 +107,10 @@ def vae_loss(vae: AutoEncoder, x, key, *, kl_weight: float, mse_weight: float):
     return l1 + mse_weight * mse + kl_weight * kl, {"l1": l1, "mse": mse, "kl": kl}
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two images in [-1, 1] (peak-to-peak 2)."""
+def psnr(a: np.ndarray, b: np.ndarray, *, peak: float = 2.0) -> float:
+    """PSNR in dB of two images whose value range spans `peak` (2 for [-1, 1], 255 for uint8)."""
     err = float(np.mean(np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-    return float("inf") if err == 0 else 10.0 * np.log10(4.0 / err)
+    return float("inf") if err == 0 else 10.0 * np.log10(peak ** 2 / err)
 
 
 def center_crops(images: list[np.ndarray], size: int, factor: int) -> dict[int, np.ndarray]:
