@@ -14,7 +14,8 @@ import pathlib
 import sys
 import time
 
-from data_pipelines import tfds_builder
+from data_pipelines import prepare, tfds_builder
+from data_pipelines.sources import unimed_mini
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,35 +43,7 @@ def make_source(args: argparse.Namespace):
     """Record source selected by the options."""
     if args.dataset == "manifest":
         return tfds_builder.ManifestSource(args.manifest)
-    from data_pipelines.sources import unimed_mini
-
     return tfds_builder.UnimedMiniSource(args.max_side or unimed_mini.MAX_SIDE)
-
-
-def _counts(counter: dict) -> str:
-    """'a=1 b=2' from a dict of counts."""
-    return " ".join(f"{k}={v}" for k, v in counter.items()) or "-"
-
-
-def summary(path: pathlib.Path) -> str:
-    """Human-readable counts of a built dataset directory (from its metadata and shard files)."""
-    meta = tfds_builder.read_metadata(path)
-    lines = [f"dataset: {path}"]
-    for split, s in meta.get("splits", {}).items():
-        shards = sorted(path.glob(f"{tfds_builder.DATASET}-{split}.array_record-*"))
-        lines.append(f"  {split:5s} records={s['records']} unique_images={s['unique_images']} "
-                     f"shards={len(shards)} bytes={sum(f.stat().st_size for f in shards)}")
-        lines.append(f"        task:     {_counts(s['task'])}")
-        lines.append(f"        kind:     {_counts(s['kind'])}")
-        lines.append(f"        modality: {_counts(s['modality'])}")
-        lines.append(f"        images by modality: {_counts(s['unique_images_by_modality'])}")
-    bad = meta.get("bad_records", {})
-    lines.append(f"  bad records: {bad.get('total', 0)} {_counts(bad.get('by_reason', {}))}")
-    for reason, examples in bad.get("examples", {}).items():
-        lines.extend(f"    {example}" for example in examples)
-    total = sum(f.stat().st_size for f in path.glob(f"{tfds_builder.DATASET}-*.array_record-*"))
-    lines.append(f"  total shard bytes: {total}; build seconds: {meta.get('build_seconds', '?')}")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -84,7 +57,7 @@ def main(argv=None) -> int:
                                             max_examples_per_split=args.max_examples_per_split, force=args.force)
     path = pathlib.Path(builder.data_dir)
     print(("built" if generated else "already built (cached, nothing to do)") + f" in {time.time() - start:.1f}s")
-    print(summary(path))
+    print(prepare.summary(path))
     return 0
 
 

@@ -6,13 +6,16 @@ import logging
 import os
 
 import jax
+import numpy as np
 
 from data_pipelines import tfds_builder
 from data_pipelines.packing import Packer
 from data_pipelines.pipeline import PackedBatchIterator, ShardedPackIterator, source_records, split_by_task
 from data_pipelines.sample_plan import Planner
+from data_pipelines.schema import decode_image
+from data_pipelines.transforms import ImageTransform
 from unimedvl_jax.tokenizers import SentencePieceTokenizer, load_tokenizer
-from unimedvl_jax.train.curriculum import StageSchedule
+from unimedvl_jax.curriculum import StageSchedule
 
 log = logging.getLogger(__name__)
 
@@ -76,3 +79,21 @@ def make_sharded_iterator(cfg, tokenizer, layout, *, num_workers: int | None = N
             shard_count=layout.shards, num_workers=int(data_cfg.num_workers if num_workers is None else num_workers),
             packs_per_step=layout.rows_per_shard) for s in layout.local_shards},
         layout.rows_per_shard)
+
+
+def split_images(data_cfg, split: str, *, max_images: int = 0) -> list[np.ndarray]:
+    """Distinct images of a split, each resized by the VAE transform (§6) to float32 HxWx3 in [-1, 1]."""
+    transform = ImageTransform.from_config(data_cfg.vae_transform)
+    seen, images = set(), []
+    for record in source_records(open_split(data_cfg, split), name=split):
+        for key, blob in zip(record.meta.get("image_keys", [f"{record.id}/{j}" for j in range(len(record.images))]),
+                             record.images):
+            if key in seen:
+                continue
+            seen.add(key)
+            images.append(transform(decode_image(blob, record_id=record.id)).astype(np.float32))
+            if max_images and len(images) >= max_images:
+                return images
+    if not images:
+        raise ValueError(f"split {split!r} of {data_cfg.dataset} in {data_cfg.data_dir} has no images")
+    return images

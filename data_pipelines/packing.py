@@ -16,8 +16,7 @@ import logging
 import numpy as np
 
 from data_pipelines.sample_plan import SamplePlan
-from unimedvl_jax.models.attention import CAUSAL
-from unimedvl_jax.packed_batch import PAD, TEXT, VAE, VIT, PackedBatch
+from unimedvl_jax.packed_batch import CAUSAL, PAD, PackedBatch, TEXT, VAE, VIT
 
 log = logging.getLogger(__name__)
 

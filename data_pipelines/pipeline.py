@@ -2,7 +2,7 @@
 per-stage task mixture → packing into static-shape PackedBatches tagged with their curriculum stage.
 
 * Each task family (understanding / generation / interleaved) is its own grain MapDataset; a stage's stream is
-  `MapDataset.mix` of them with that stage's weights (train/curriculum.py). The stage of batch k is the stage of
+  `MapDataset.mix` of them with that stage's weights (unimedvl_jax/curriculum.py). The stage of batch k is the stage of
   train step `start_step + k`, so the mixture switches exactly at the stage boundary steps.
 * Each JAX process reads a disjoint share (`source[index::count]`) before shuffling.
 * Decoding, validation, image transforms, tokenisation and planning run in grain worker processes
@@ -26,7 +26,7 @@ import numpy as np
 from data_pipelines.bad_records import BadRecordCounter
 from data_pipelines.packing import Packer
 from data_pipelines.schema import BadRecord, Record
-from unimedvl_jax.train.curriculum import TASKS, StageSchedule
+from unimedvl_jax.curriculum import TASKS, StageSchedule
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import numpy as np
 
 from data_pipelines.schema import Record, decode_image
 from data_pipelines.transforms import ImageTransform, patchify_vit
-from unimedvl_jax.models.attention import CAUSAL, FULL, NOISE
-from unimedvl_jax.packed_batch import TEXT, VAE, VIT
+from unimedvl_jax.patches import flattened_position_ids, grid_rows_cols
+from unimedvl_jax.packed_batch import CAUSAL, FULL, NOISE, TEXT, VAE, VIT
 from unimedvl_jax.tokenizers import check_compatible
 
 
@@ -162,8 +162,7 @@ class _PlanBuilder:
         if h > side or w > side:
             raise ValueError(f"record {self.record_id!r}: {what} grid {h}x{w} exceeds the {side}x{side} position "
                              f"table; lower the {what} transform's max_size")
-        r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        return h, w, r.reshape(-1), c.reshape(-1)
+        return (h, w, *grid_rows_cols(h, w))
 
     def text(self, ids, *, segment, loss, dropped, special_label=None):
         """[bos] + ids + [eos], causal, rope advances by L+2; CE on [bos, ids] -> [ids, eos] when loss."""
@@ -194,7 +193,7 @@ class _PlanBuilder:
             h, w, r, c = self._grid(pixels, self.vit_patch, self.vit_side, "ViT")
             item.start, item.length = self._image_split(VIT, h * w, FULL), h * w + 2
             self.vit["patches"].append(patchify_vit(pixels, self.vit_patch).astype(np.float32))
-            self.vit["pos"].append(r * self.vit_side + c)
+            self.vit["pos"].append(flattened_position_ids(h, w, self.vit_side))
             self.vit["image"].append(np.full(h * w, self.n_vit_images))
             self.vit["index"].append(np.arange(item.start + 1, item.start + 1 + h * w))
             self.n_vit_images += 1
@@ -211,7 +210,7 @@ class _PlanBuilder:
         item.start, item.length = self._image_split(VAE, h * w, NOISE if noised else FULL), h * w + 2
         self.vae["image"].append(np.full(h * w, len(self.vae_images)))
         self.vae["row"].append(r), self.vae["col"].append(c)
-        self.vae["pos"].append(r * self.latent_side + c)
+        self.vae["pos"].append(flattened_position_ids(h, w, self.latent_side))
         self.vae["index"].append(np.arange(item.start + 1, item.start + 1 + h * w))
         self.vae["t"].append(np.full(h * w, float(timestep) if noised else -np.inf))
         self.vae_images.append(np.asarray(pixels, np.float32))

@@ -27,6 +27,7 @@ import pathlib
 import time
 from collections.abc import Iterator
 
+import grain
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import shard_utils
@@ -40,6 +41,7 @@ from data_pipelines.splits import split_for_scan
 DATASET = "unimed_records"
 DATASET_VERSION = "1.1.0"
 PROGRESS_EVERY = 1000
+UNIMED_MINI = "unimed_mini"  # config name of the embedded dataset at its default image size
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -50,7 +52,7 @@ class UnimedMiniSource:
 
     def __init__(self, max_side: int = unimed_mini.MAX_SIDE):
         self.max_side = max_side
-        self.name = "unimed_mini" if max_side == unimed_mini.MAX_SIDE else f"unimed_mini_side{max_side}"
+        self.name = UNIMED_MINI if max_side == unimed_mini.MAX_SIDE else f"unimed_mini_side{max_side}"
         self.description = unimed_mini.__doc__.splitlines()[0]
 
     def splits(self, counter: BadRecordCounter) -> list[str]:
@@ -239,8 +241,6 @@ def decode_example(example: dict) -> Record:
 
 def grain_dataset(path, split: str):
     """grain.MapDataset of decoded Records for one split of a built dataset directory."""
-    import grain
-
     return grain.MapDataset.source(data_source(path, split)).map(decode_example)
 
 

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 
 from data_pipelines.schema import pil_to_rgb
-from unimedvl_jax.models.bridges import patchify
+from unimedvl_jax.patches import patchify
 
 DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024  # 1,806,336 (§6.4)
 

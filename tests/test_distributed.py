@@ -1,5 +1,5 @@
 """unimedvl_jax/distributed.py: cluster detection from simulated environments (SLURM, explicit variables, TPU),
-the data-shard layout checks, and initialisation failures that must end quickly with a clear error (loopback
+and initialisation failures that must end quickly with a clear error (loopback
 only: an unreachable coordinator, a process that never arrives)."""
 
 import os
@@ -125,39 +125,6 @@ def test_single_process_initialize_is_a_no_op(monkeypatch):
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: pytest.fail("must not initialise"))
     assert dist.initialize(env={}).kind == "single"
     assert jax.process_count() == 1
-
-
-# --- data layout: which rows each process feeds, which shards fill them ----------------------------------------
-def test_data_shard_layout():
-    two = {0: (0, 1, 2, 3), 1: (4, 5, 6, 7)}
-    assert dist.default_data_shards(two, 8) == 2
-    assert dist.default_data_shards({0: tuple(range(8))}, 8) == 1
-    lay = dist.data_shard_layout(two, 8, 2, 1)
-    assert (lay.local_shards, lay.rows_per_shard, lay.local_rows) == ((1,), 4, 4)
-    assert dist.data_shard_layout({0: tuple(range(8))}, 8, 2, 0).local_shards == (0, 1)  # 1 process, 2 shards
-    assert dist.data_shard_layout(two, 8, 4, 0).local_shards == (0, 1)
-    interleaved = {0: (0, 1, 4, 5), 1: (2, 3, 6, 7)}  # e.g. a TPU device order
-    assert dist.default_data_shards(interleaved, 8) == 4
-    assert dist.data_shard_layout(interleaved, 8, 4, 1).local_shards == (1, 3)
-    with pytest.raises(ValueError, match=r"process 0 feeds global batch rows \[0, 1, 4, 5\], which are not whole "
-                                         r"data shards of 4 rows .* use train.data_shards=4"):
-        dist.data_shard_layout(interleaved, 8, 2, 0)
-    with pytest.raises(ValueError, match=r"train.batch_packs=8 must be divisible by the number of data shards "
-                                         r"\(train.data_shards=3\)"):
-        dist.data_shard_layout(two, 8, 3, 0)
-
-
-def test_batch_rows_by_process_follow_the_sharding():
-    import collections
-
-    Device = collections.namedtuple("Device", "id process_index")
-
-    class FakeSharding:  # 4 devices, 2 per process, batch of 8 split in 4
-        def devices_indices_map(self, shape):
-            devs = [Device(i, i // 2) for i in range(4)]
-            return {d: (slice(2 * i, 2 * i + 2),) for i, d in enumerate(devs)}
-
-    assert dist.batch_rows_by_process(FakeSharding(), 8) == {0: (0, 1, 2, 3), 1: (4, 5, 6, 7)}
 
 
 # --- failures end quickly with a clear error (subprocesses: a failed handshake ends the process) --------------

@@ -10,8 +10,7 @@ from unimedvl_jax import config as C
 from unimedvl_jax.interop.official_batch import official_to_packed_batch
 from unimedvl_jax.interop.official_config import model_config_from_official
 from unimedvl_jax.interop.safetensors_io import SafetensorsReader
-from unimedvl_jax.models.attention import CAUSAL, FULL, NOISE
-from unimedvl_jax.packed_batch import PAD, TEXT, VAE, VIT
+from unimedvl_jax.packed_batch import CAUSAL, FULL, NOISE, PAD, TEXT, VAE, VIT
 from unimedvl_jax.testing import Text, VaeImage, VitImage, build_packed_batch
 
 LAYOUT_FIELDS = ["text_ids", "token_kind", "sample_id", "split_id", "split_mode", "position_ids", "und_index",

@@ -170,9 +170,11 @@ def run_demo(cfg, workdir: str, *, images_per_prompt: int = 2, sr_images: int = 
     from unimedvl_jax.inference.interleave import edit_image, text_to_image
     from unimedvl_jax.inference.loading import load_for_inference
     from unimedvl_jax.interop.checkpoint_export import export_official
-    from unimedvl_jax.train.loop import ensure_dataset, train
+    from data_pipelines.prepare import ensure_dataset
+    from unimedvl_jax.train.loop import train
     from unimedvl_jax.train.train_config import total_steps
-    from unimedvl_jax.train.vae_training import psnr, train_vae
+    from unimedvl_jax.image_metrics import psnr
+    from unimedvl_jax.train.vae_training import train_vae
 
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)

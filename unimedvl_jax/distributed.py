@@ -40,6 +40,9 @@ import sys
 import threading
 import time
 
+import jax
+from jax.experimental import multihost_utils
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -328,8 +331,6 @@ def initialize(*, timeout_s: float | None = None, env=None) -> ClusterSpec:
     global _INITIALIZED
     if _INITIALIZED is not None:
         return _INITIALIZED
-    import jax
-
     env = os.environ if env is None else env
     spec = detect(env)
     if spec.kind == "single" or jax.distributed.is_initialized():
@@ -384,102 +385,14 @@ def _global_state():
         return None
 
 
-def is_main_process() -> bool:
-    """Process 0 (console, TensorBoard, metrics, checkpoint metadata)."""
-    import jax
-
-    return jax.process_index() == 0
-
-
-# ----------------------------------------------------------------------------------------------------------
-# per-host data: which rows of the global batch each process feeds, and which data shards fill them
-# ----------------------------------------------------------------------------------------------------------
-def batch_rows_by_process(sharding, batch: int) -> dict[int, tuple[int, ...]]:
-    """{process index: sorted global batch rows held by that process's devices} for a (batch, ...) sharding.
-
-    jax.make_array_from_process_local_data takes a process's rows in exactly this order (the sorted union of its
-    devices' slices), so local data is the concatenation of these rows."""
-    rows: dict[int, set] = {}
-    for device, index in sharding.devices_indices_map((batch,)).items():
-        sl = index[0]
-        start, stop, _ = sl.indices(batch)
-        rows.setdefault(device.process_index, set()).update(range(start, stop))
-    return {p: tuple(sorted(r)) for p, r in sorted(rows.items())}
-
-
-@dataclasses.dataclass(frozen=True)
-class DataShardLayout:
-    """The global batch of `batch` packs split into `shards` data shards of `rows_per_shard` consecutive rows.
-
-    Data shard s reads records source[s::shards] and fills rows [s·rows_per_shard, (s+1)·rows_per_shard) of
-    every global batch. The records a row receives depend only on (shards, batch), never on the number of
-    processes or the mesh: a run on 1 process × 8 devices and one on 2 processes × 4 devices with the same
-    `shards` train on the same batches, and a checkpoint restores onto either."""
-
-    batch: int
-    shards: int
-    local_shards: tuple[int, ...]      # this process's shards, in local-row order
-    rows_by_process: dict
-
-    @property
-    def rows_per_shard(self) -> int:
-        return self.batch // self.shards
-
-    @property
-    def local_rows(self) -> int:
-        return self.rows_per_shard * len(self.local_shards)
-
-
-def default_data_shards(rows_by_process: dict, batch: int) -> int:
-    """Fewest shards such that every process feeds whole shards (= process count for the usual device order)."""
-    import math
-
-    block = batch
-    for rows in rows_by_process.values():
-        prev = None
-        for r in rows:
-            if r != prev:  # the start of a run of consecutive rows
-                block = math.gcd(block, r)
-            prev = r + 1
-            if r + 1 not in rows:
-                block = math.gcd(block, r + 1)
-    return batch // block
-
-
-def data_shard_layout(rows_by_process: dict, batch: int, shards: int, process_index: int) -> DataShardLayout:
-    """Check that every process feeds whole data shards and return this process's layout (clear errors)."""
-    if shards < 1 or batch % shards:
-        raise ValueError(f"train.batch_packs={batch} must be divisible by the number of data shards "
-                         f"(train.data_shards={shards})")
-    per = batch // shards
-    owned = {}
-    for p, rows in rows_by_process.items():
-        mine = sorted({r // per for r in rows})
-        if set(rows) != {r for s in mine for r in range(s * per, (s + 1) * per)}:
-            raise ValueError(
-                f"process {p} feeds global batch rows {list(rows)}, which are not whole data shards of {per} rows "
-                f"(train.batch_packs={batch} / train.data_shards={shards}); with this mesh and process layout "
-                f"use train.data_shards={default_data_shards(rows_by_process, batch)} (or a multiple that divides "
-                f"the batch)")
-        owned[p] = tuple(mine)
-    return DataShardLayout(batch=batch, shards=shards, local_shards=owned[process_index],
-                           rows_by_process=dict(rows_by_process))
-
-
 def barrier(name: str) -> None:
     """Wait until every process reaches `name` (no-op with one process)."""
-    import jax
-
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
 def initialize_or_exit(prog: str, *, timeout_s: float | None = None) -> ClusterSpec:
     """initialize() for command-line entry points: a failed join prints `prog: error: ...` and exits with 3."""
-    import sys
-
     try:
         return initialize(timeout_s=timeout_s)
     except DistributedInitError as e:

@@ -14,6 +14,10 @@ from flax import struct
 
 # token_kind values
 PAD, TEXT, VIT, VAE = 0, 1, 2, 3
+# split_mode values: causal text, a full-attention image block (ViT or clean VAE), a noised VAE block that only its
+# own split may see
+CAUSAL, FULL, NOISE = 0, 1, 2
+SPLIT_MODES = {"causal": CAUSAL, "full": FULL, "noise": NOISE}
 
 
 @struct.dataclass
@@ -25,7 +29,7 @@ class PackedBatch:
     token_kind: jax.Array      # PAD / TEXT / VIT / VAE
     sample_id: jax.Array       # document id; padding tokens get their own id
     split_id: jax.Array        # globally unique split id
-    split_mode: jax.Array      # attention.CAUSAL / FULL / NOISE
+    split_mode: jax.Array      # CAUSAL / FULL / NOISE
     position_ids: jax.Array    # 1-D rope position
     # MoT routing buffers
     und_index: jax.Array       # (C_und,) positions of text + ViT tokens

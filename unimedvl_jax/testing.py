@@ -13,9 +13,8 @@ from typing import Sequence
 import numpy as np
 from flax import nnx
 
-from unimedvl_jax.models.attention import CAUSAL, FULL, NOISE
-from unimedvl_jax.models.bridges import patchify
-from unimedvl_jax.packed_batch import PAD, TEXT, VAE, VIT, PackedBatch
+from unimedvl_jax.patches import patchify
+from unimedvl_jax.packed_batch import CAUSAL, FULL, NOISE, PAD, PackedBatch, TEXT, VAE, VIT
 
 CAPACITY_KEYS = ("und", "gen", "ce", "vit", "vae", "vae_images")
 

@@ -23,7 +23,7 @@ def _run(argv) -> None:
     from unimedvl_jax.entry_point import start
 
     start("unimedvl-train-vae", argv)
-    from unimedvl_jax.train.loop import ensure_dataset
+    from data_pipelines.prepare import ensure_dataset
     from unimedvl_jax.train.vae_training import train_vae
 
     cfg = _CONFIG.value

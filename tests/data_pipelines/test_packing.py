@@ -15,9 +15,8 @@ from data_pipelines import schema
 from data_pipelines.packing import Pack, PackBudgets, Packer
 from data_pipelines.sample_plan import CfgDropout, Planner, Transforms, record_to_plan
 from data_pipelines.transforms import ImageTransform, patchify_vit
-from unimedvl_jax.models.attention import CAUSAL, FULL, NOISE
 from unimedvl_jax.models.unimedvl import UniMedVL, packed_loss
-from unimedvl_jax.packed_batch import PAD, TEXT, VAE, VIT, describe_shapes
+from unimedvl_jax.packed_batch import CAUSAL, FULL, NOISE, PAD, TEXT, VAE, VIT, describe_shapes
 from unimedvl_jax.tokenizers import SentencePieceTokenizer
 
 MODEL = tiny.get_config().model

@@ -12,7 +12,7 @@ import pytest
 
 from data_pipelines.transforms import ImageTransform
 from unimedvl_jax.inference import image_generation
-from unimedvl_jax.inference.cfg import guidance_branches, guidance_scales, guide_velocity
+from unimedvl_jax.inference.guidance import guidance_branches, guidance_scales, guide_velocity
 from unimedvl_jax.inference.context import Context
 from unimedvl_jax.inference.flow_sampler import euler_sample, euler_update, flow_timesteps
 from unimedvl_jax.inference.image_generation import (decode_latents, generate_image, guided_velocity,

@@ -23,8 +23,9 @@ from unimedvl_jax.interop.checkpoint_import import CheckpointMismatchError, impo
 from unimedvl_jax.interop.name_map import build_name_map
 from unimedvl_jax.interop.params_checkpoint import weights_state
 from unimedvl_jax.interop.safetensors_io import SafetensorsError, SafetensorsReader, write_streaming
-from unimedvl_jax.models.attention import CAUSAL, TokenMeta
+from unimedvl_jax.models.attention import TokenMeta
 from unimedvl_jax.models.unimedvl import UniMedVL
+from unimedvl_jax.packed_batch import CAUSAL
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

@@ -11,9 +11,10 @@ from flax import nnx
 
 from unimedvl_jax import config as C
 from unimedvl_jax.interop.name_map import build_name_map
-from unimedvl_jax.models.attention import CAUSAL, TokenMeta
+from unimedvl_jax.models.attention import TokenMeta
 from unimedvl_jax.models.llm import DecoderLayer
 from unimedvl_jax.models.unimedvl import UniMedVL
+from unimedvl_jax.packed_batch import CAUSAL
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

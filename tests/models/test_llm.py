@@ -14,9 +14,10 @@ import torch
 from flax import nnx
 
 from unimedvl_jax.config import llm_config
-from unimedvl_jax.models.attention import CAUSAL, FULL, NOISE, TokenMeta, packed_attention
+from unimedvl_jax.models.attention import TokenMeta, packed_attention
 from unimedvl_jax.models.llm import Qwen2ForCausalLM
 from unimedvl_jax.testing import param_dict
+from unimedvl_jax.packed_batch import CAUSAL, FULL, NOISE
 
 TOL = 1e-4  # parity with HF (fp32)
 SAME_TOL = 1e-6  # our own paths against each other

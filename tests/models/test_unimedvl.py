@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unimedvl_jax.models.attention import NOISE, TokenMeta
+from unimedvl_jax.models.attention import TokenMeta
 from unimedvl_jax.models.layers import rope_cos_sin
 from unimedvl_jax.models.unimedvl import UniMedVL, packed_loss
-from unimedvl_jax.packed_batch import PAD, TEXT, VAE, VIT
+from unimedvl_jax.packed_batch import NOISE, PAD, TEXT, VAE, VIT
 from unimedvl_jax.testing import Text, VaeImage, VitImage, build_packed_batch
 from unimedvl_jax.testing import small_model_config
 

@@ -271,7 +271,7 @@ def loop_config(data_dir):
 
 def test_iterator_packs_follow_train_steps_and_stage_check(env, tmp_path):
     from data_pipelines.loader import get_tokenizer, make_iterator
-    from unimedvl_jax.train.curriculum import StageSchedule
+    from unimedvl_jax.curriculum import StageSchedule
     from unimedvl_jax.train.loop import StageMismatchError, check_stage
 
     cfg = loop_config(env["data"])
@@ -288,21 +288,6 @@ def test_iterator_packs_follow_train_steps_and_stage_check(env, tmp_path):
                                                  r"\(instruction\) but the curriculum puts step 2 in stage 0"):
         for k, stage in enumerate(stages):
             check_stage(stage, k // 2, schedule)
-
-
-def test_ensure_dataset_builds_unimed_mini_only(tmp_path, monkeypatch):
-    from data_pipelines import build
-    from unimedvl_jax.train.loop import ensure_dataset
-
-    calls, printed = [], []
-    monkeypatch.setattr(build, "main", lambda argv: calls.append(argv) or 0)
-    cfg = loop_config(tmp_path / "data")
-    ensure_dataset(cfg.data, console=printed.append)
-    assert calls == [["--dataset", "unimed-mini", "--data-dir", str(tmp_path / "data")]]
-    assert "building unimed-mini" in printed[0]
-    cfg.data.dataset = "manifest_x_123"
-    with pytest.raises(FileNotFoundError, match="--dataset manifest --manifest FILE"):
-        ensure_dataset(cfg.data, console=printed.append)
 
 
 def test_flop_model_formula():

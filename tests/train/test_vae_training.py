@@ -13,6 +13,8 @@ from configs import tiny
 from unimedvl_jax.models.unimedvl import UniMedVL
 from unimedvl_jax.models.vae import AutoEncoder
 from unimedvl_jax.testing import small_model_config
+from data_pipelines.loader import split_images
+from unimedvl_jax.train import vae_checkpoint, vae_config
 from unimedvl_jax.train import vae_training as vt
 
 
@@ -29,7 +31,7 @@ def trained(tmp_path_factory, unimed_mini_dir):
     cfg = tiny.get_config()
     cfg.data.data_dir = str(unimed_mini_dir)
     cfg.model.vae.update(ch=8, num_res_blocks=1, norm_groups=4)
-    cfg.vae_training = vt.vae_training_config(steps=80, batch_size=8, crop_size=32, lr=2e-3, warmup_steps=5,
+    cfg.vae_training = vae_config.vae_training_config(steps=80, batch_size=8, crop_size=32, lr=2e-3, warmup_steps=5,
                                               log_every=20, max_images=64, eval_images=8, stats_crops=32)
     lines = []
     report = vt.train_vae(cfg, str(base / "vae"), console=lines.append)
@@ -49,11 +51,11 @@ def test_reconstruction_improves_and_progress_is_printed(trained):
 def test_fitted_normalisation_whitens_the_latents(trained):
     """encode(sample=False) of the saved VAE has mean ≈ 0 and std ≈ 1 over fresh training crops."""
     cfg, path = trained["cfg"], str(trained["dir"])
-    saved = vt.load_vae_config(path)
+    saved = vae_checkpoint.load_vae_config(path)
     assert saved.scale_factor == pytest.approx(trained["report"]["scale_factor"])
     vae = AutoEncoder(saved, rngs=nnx.Rngs(1))
-    vt.install_vae_weights(vae, path)
-    images = vt.split_images(cfg.data, "train", max_images=64)
+    vae_checkpoint.install_vae_weights(vae, path)
+    images = split_images(cfg.data, "train", max_images=64)
     crops = np.stack([next(vt.CropSampler(images, 32, 1, seed=s))[0] for s in range(48)])
     z = np.asarray(vae.encode(jnp.asarray(crops), sample=False))
     assert abs(z.mean()) < 0.25 and 0.75 < z.std() < 1.25
@@ -63,11 +65,11 @@ def test_install_into_unimedvl(trained):
     cfg, path = trained["cfg"], str(trained["dir"])
     model_cfg = small_model_config()
     model_cfg.vae = cfg.model.vae
-    vt.adopt_vae_config(model_cfg, path)
+    vae_checkpoint.adopt_vae_config(model_cfg, path)
     model = UniMedVL(model_cfg, rngs=nnx.Rngs(0))
-    vt.install_vae(model, path)
-    standalone = AutoEncoder(vt.load_vae_config(path), rngs=nnx.Rngs(2))
-    vt.install_vae_weights(standalone, path)
+    vae_checkpoint.install_vae(model, path)
+    standalone = AutoEncoder(vae_checkpoint.load_vae_config(path), rngs=nnx.Rngs(2))
+    vae_checkpoint.install_vae_weights(standalone, path)
     x = jax.random.uniform(jax.random.key(0), (1, 32, 32, 3), minval=-1, maxval=1)
     np.testing.assert_array_equal(np.asarray(model.vae_model.encode(x, sample=False)),
                                   np.asarray(standalone.encode(x, sample=False)))
@@ -78,9 +80,9 @@ def test_geometry_mismatch_and_missing_checkpoint_are_clear_errors(trained, tmp_
     model_cfg.vae = trained["cfg"].model.vae.copy_and_resolve_references()
     model_cfg.vae.z_channels = 8
     with pytest.raises(ValueError, match="z_channels: config 8 vs checkpoint 4"):
-        vt.adopt_vae_config(model_cfg, str(trained["dir"]))
+        vae_checkpoint.adopt_vae_config(model_cfg, str(trained["dir"]))
     with pytest.raises(FileNotFoundError, match="not a VAE checkpoint"):
-        vt.load_vae_config(str(tmp_path))
+        vae_checkpoint.load_vae_config(str(tmp_path))
     with pytest.raises(FileExistsError, match="already holds a VAE checkpoint"):
         vt.train_vae(trained["cfg"], str(trained["dir"]))
     report = json.loads((trained["dir"] / "config.json").read_text())["report"]

@@ -11,8 +11,8 @@ import numpy as np
 from unimedvl_jax.inference.decoding import decode
 from unimedvl_jax.inference.image_tokens import encode_image_tokens, image_token_embeds, latent_position_ids
 from unimedvl_jax.inference.kv_cache import KVCache, append, bucket, empty_cache
-from unimedvl_jax.models.attention import CAUSAL, FULL
-from unimedvl_jax.packed_batch import TEXT, VIT
+from unimedvl_jax.patches import flattened_position_ids
+from unimedvl_jax.packed_batch import CAUSAL, FULL, TEXT, VIT
 
 
 @dataclasses.dataclass
@@ -59,8 +59,7 @@ class Context:
         """[<|vision_start|>] + ViT tokens + [<|vision_end|>], full attention, all at one rope id (§5.1)."""
         st, side = self.model.cfg.special_tokens, self.model.cfg.vit_max_num_patch_per_side
         h, w = grid_hw
-        r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        pos_ids = (r * side + c).reshape(-1)
+        pos_ids = flattened_position_ids(h, w, side)
         _, _, vit = self.model.vit_embeddings(jnp.asarray(patches), jnp.asarray(pos_ids), jnp.zeros(h * w, jnp.int32))
         markers = self.model.language_model.embed(jnp.asarray([st.start_of_image, st.end_of_image]))
         embeds = jnp.concatenate([markers[:1], vit.astype(markers.dtype), markers[1:]])

@@ -19,8 +19,7 @@ from flax import nnx
 
 from unimedvl_jax.inference.kv_cache import append_chunk
 from unimedvl_jax.inference.sampling import check_sampling, sample_token
-from unimedvl_jax.models.attention import CAUSAL
-from unimedvl_jax.packed_batch import TEXT
+from unimedvl_jax.packed_batch import CAUSAL, TEXT
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimedvl_jax.models.bridges import flattened_position_ids, patchify_latent
+from unimedvl_jax.patches import flattened_position_ids, patchify_latent
 from unimedvl_jax.packed_batch import TEXT, VAE
 
 
@@ -44,8 +44,7 @@ def latent_position_ids(model, grid_hw) -> np.ndarray:
 @nnx.jit
 def _segment_embeds(model, x_tokens, t, position_ids):
     st = model.cfg.special_tokens
-    temb = model.time_embedder(jnp.full((x_tokens.shape[0],), t, jnp.float32))
-    latents = model.vae2llm(x_tokens.astype(model.dtype)) + temb + model.latent_pos_embed(position_ids, model.dtype)
+    latents, _ = model.latent_token_embeds(x_tokens, jnp.full((x_tokens.shape[0],), t, jnp.float32), position_ids)
     markers = model.language_model.embed(jnp.asarray([st.start_of_image, st.end_of_image], jnp.int32))
     return jnp.concatenate([markers[:1], latents.astype(markers.dtype), markers[1:]])
 

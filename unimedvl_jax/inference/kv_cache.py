@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from unimedvl_jax.models.attention import CAUSAL, TokenMeta
-from unimedvl_jax.packed_batch import VAE
+from unimedvl_jax.models.attention import TokenMeta
+from unimedvl_jax.packed_batch import CAUSAL, VAE
 
 EMPTY_SAMPLE = -2   # cache slots not yet written: no query can see them
 PAD_SAMPLE = -3     # padding inside an appended chunk

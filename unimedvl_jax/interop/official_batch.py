@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from unimedvl_jax.models.attention import SPLIT_MODES
-from unimedvl_jax.packed_batch import PAD, TEXT, VAE, VIT, PackedBatch
+from unimedvl_jax.patches import grid_rows_cols
+from unimedvl_jax.packed_batch import PAD, PackedBatch, SPLIT_MODES, TEXT, VAE, VIT
 
 
 def _i(x):
@@ -53,8 +53,8 @@ def official_to_packed_batch(t: dict, attn_modes: list[str], *, vit_patch_dim: i
     shapes = np.asarray(t.get("patchified_vae_latent_shapes", np.zeros((0, 2))), np.int64).reshape(-1, 2)
     img, row, col = [], [], []
     for n, (h, w) in enumerate(shapes):
-        r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        img.append(np.full(h * w, n)), row.append(r.reshape(-1)), col.append(c.reshape(-1))
+        r, c = grid_rows_cols(h, w)
+        img.append(np.full(h * w, n)), row.append(r), col.append(c)
     cat = (lambda xs: np.concatenate(xs).astype(np.int32) if xs else np.zeros(0, np.int32))
     timesteps = np.asarray(t.get("packed_timesteps", np.zeros(0)), np.float32)
 

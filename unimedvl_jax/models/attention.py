@@ -10,9 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-# Split modes of §4.2/§4.3.
-CAUSAL, FULL, NOISE = 0, 1, 2
-SPLIT_MODES = {"causal": CAUSAL, "full": FULL, "noise": NOISE}
+from unimedvl_jax.packed_batch import CAUSAL, FULL, NOISE
+
 _MASKED = -1e30  # finite "minus infinity": exp underflows to exactly 0 and fully masked rows stay finite.
 
 

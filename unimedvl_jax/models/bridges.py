@@ -1,5 +1,5 @@
 """Modules bridging the ViT, the VAE latents and the LLM (§3.6–3.10): fixed 2-D sin-cos tables, the timestep
-embedder, latent patchify/unpatchify and flattened 2-D position ids."""
+embedder and the gather of latent tokens (the grid helpers they share with data and inference are in patches.py)."""
 
 from __future__ import annotations
 
@@ -42,19 +42,6 @@ class PositionEmbedding(nnx.Module):
         return jnp.take(self.pos_embed[...], position_ids, axis=0).astype(dtype)
 
 
-def flattened_position_ids(h: int, w: int, side: int, interpolate: bool = False) -> np.ndarray:
-    """Flattened 2-D ids of an h×w grid in a side×side table: 'extrapolate' r*side+c, or bucketized (§3.6)."""
-    if not interpolate:
-        if h > side or w > side:
-            raise ValueError(f"grid {h}x{w} exceeds the {side}x{side} position table")
-        r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        return (r * side + c).reshape(-1)
-    boundaries = np.arange(1 / side, 1.0, 1 / side)
-    r = np.searchsorted(boundaries, np.arange(0, 1 - 1e-6, 1 / h), side="right")
-    c = np.searchsorted(boundaries, np.arange(0, 1 - 1e-6, 1 / w), side="right")
-    return (r[:, None] * side + c[None, :]).reshape(-1)
-
-
 def timestep_features(t, dim: int = 256):
     """DiT frequency features of raw t ∈ [0, 1] (not ×1000), cosine first (§3.9)."""
     half = dim // 2
@@ -83,29 +70,6 @@ def patchify_latent_tokens(latents, image, row, col, patch: int):
     cols = patch * col[:, None] + offsets[None, :]
     tokens = latents[image[:, None, None], rows[:, :, None], cols[:, None, :], :]  # (V, p, p, C)
     return tokens.reshape(tokens.shape[0], patch * patch * latents.shape[-1])  # explicit: V may be 0
-
-
-def unpatchify_latent(tokens, h: int, w: int, patch: int, channels: int):
-    """Inverse of patchify for one h×w token grid in raster order: (h·w, p·p·C) -> (p·h, p·w, C)."""
-    x = tokens.reshape(h, w, patch, patch, channels)
-    return x.transpose(0, 2, 1, 3, 4).reshape(h * patch, w * patch, channels)
-
-
-def patchify(x, patch: int):
-    """(p·h, p·w, C) -> (h·w, p·p·C) in raster order, features (row-in-patch, col-in-patch, channel).
-
-    The ordering shared by the ViT patches (§3.5) and the latent tokens (§3.10); works on numpy and jax arrays.
-    """
-    hp, wp, c = x.shape
-    h, w = hp // patch, wp // patch
-    x = x.reshape(h, patch, w, patch, c).transpose(0, 2, 1, 3, 4)
-    return x.reshape(h * w, patch * patch * c)
-
-
-def patchify_latent(latent, patch: int):
-    """Patchify one latent cropped to whole patches (the inverse of unpatchify_latent)."""
-    hp, wp, _ = latent.shape
-    return patchify(latent[: hp - hp % patch, : wp - wp % patch], patch)
 
 
 def shift_timestep(t, shift: float):

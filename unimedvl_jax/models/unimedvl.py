@@ -85,10 +85,17 @@ class UniMedVL(nnx.Module):
                                     batch.vae_token_col, self.cfg.latent_patch_size)
         t = shift_timestep(jax.nn.sigmoid(batch.vae_timestep.astype(jnp.float32)), self.cfg.timestep_shift)
         x_t = (1.0 - t[:, None]) * x0 + t[:, None] * flow_noise.astype(jnp.float32)
-        temb = self.time_embedder(t)
-        embeds = (self.vae2llm(x_t.astype(self.dtype)) + temb
-                  + self.latent_pos_embed(batch.vae_position_ids, self.dtype))
+        embeds, temb = self.latent_token_embeds(x_t, t, batch.vae_position_ids)
         return x0, t, x_t, temb, embeds
+
+    def latent_token_embeds(self, x_t, t, position_ids):
+        """(vae2llm(x_t) + temb(t) + latent_pos_embed[pid], temb) of latent tokens at flow times t (§3.10).
+
+        The one embedding of latent tokens: training (per-token t), clean conditioning images (t = 0) and the
+        sampler's flow query (one t for the image) all go through it."""
+        temb = self.time_embedder(t)
+        embeds = self.vae2llm(x_t.astype(self.dtype)) + temb + self.latent_pos_embed(position_ids, self.dtype)
+        return embeds, temb
 
     def __call__(self, batch: PackedBatch, latents, flow_noise, *, return_layer_outputs=False) -> ForwardOutput:
         """Training forward: latents (N, Hl, Wl, C) normalised VAE latents, flow_noise (V, p·p·C) = ε."""
@@ -128,14 +135,22 @@ class UniMedVL(nnx.Module):
             vit_features=feats, connector_out=conn, time_embeds=temb)
 
 
-def packed_loss(out: ForwardOutput, ce_weight, *, ce_loss_weight=1.0, mse_loss_weight=1.0):
+def loss_counts(batch: PackedBatch):
+    """(N_ce, N_mse): the CE positions and noised latent tokens of a (global) batch, known before the forward."""
+    length = batch.text_ids.shape[-1]
+    n_ce = jnp.sum(batch.ce_index < length)
+    n_mse = jnp.sum((batch.vae_token_index < length) & (batch.vae_timestep > -jnp.inf))
+    return n_ce, n_mse
+
+
+def packed_loss(out: ForwardOutput, ce_weight, *, counts=None, ce_loss_weight=1.0, mse_loss_weight=1.0):
     """loss = w_ce·Σce·w/N_ce + w_mse·Σmse/N_mse (§4.6); a term with no tokens contributes 0.
 
-    Returns (loss, dict of the terms). Under jit over a global batch the sums and counts are global, which is
-    the all-reduced normalisation of §4.6.
+    `counts` = (N_ce, N_mse) to normalise by; by default this output's own. The train step passes the global
+    batch's counts (loss_counts) for each pack and sums the packs' shares, which is the all-reduced
+    normalisation of §4.6. Returns (loss, dict of the terms).
     """
-    n_ce = jnp.sum(out.ce_mask)
-    n_mse = jnp.sum(out.mse_mask)
+    n_ce, n_mse = (jnp.sum(out.ce_mask), jnp.sum(out.mse_mask)) if counts is None else counts
     ce = jnp.sum(out.ce * ce_weight) / jnp.maximum(n_ce, 1)
     mse = jnp.sum(out.mse) / jnp.maximum(n_mse, 1)
     loss = ce_loss_weight * ce + mse_loss_weight * mse

@@ -40,7 +40,7 @@ from flax import nnx
 from unimedvl_jax import distributed
 from unimedvl_jax import sharding as shd
 from unimedvl_jax.train import checkpointing
-from unimedvl_jax.train.curriculum import StageSchedule
+from unimedvl_jax.curriculum import StageSchedule
 from unimedvl_jax.train.metrics import FlopModel, MetricsLogger
 from unimedvl_jax.train.step import (compile_train_step, init_train_state, make_optimizer, make_tables,
                                      make_train_step, train_state_shardings)
@@ -177,7 +177,7 @@ def _train(cfg, workdir: str, console, sigterm: _SigtermFlag) -> TrainResult:
     from unimedvl_jax.models.unimedvl import UniMedVL
 
     if tcfg.init_vae_from:
-        from unimedvl_jax.train.vae_training import adopt_vae_config, install_vae
+        from unimedvl_jax.train.vae_checkpoint import adopt_vae_config, install_vae
 
         adopt_vae_config(cfg.model, tcfg.init_vae_from)  # before config.json is written and the model built
     model = UniMedVL(cfg.model, rngs=nnx.Rngs(int(tcfg.seed)))

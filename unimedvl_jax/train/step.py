@@ -24,8 +24,9 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from unimedvl_jax.models.unimedvl import loss_counts, packed_loss
 from unimedvl_jax.packed_batch import PackedBatch
-from unimedvl_jax.train.curriculum import StageSchedule
+from unimedvl_jax.curriculum import StageSchedule
 
 
 @struct.dataclass
@@ -110,18 +111,22 @@ def init_train_state(params: nnx.State, tx) -> TrainState:
                       skipped=jnp.zeros((), jnp.int32), consecutive_skipped=jnp.zeros((), jnp.int32))
 
 
+def _params_like(params_treedef):
+    """Predicate: is a subtree shaped like the parameters (an optimizer moment such as Adam's mu / nu)?"""
+    def is_params_like(x):
+        try:
+            return jax.tree.structure(x) == params_treedef
+        except TypeError:
+            return False
+
+    return is_params_like
+
+
 def train_state_shardings(abstract_state: TrainState, param_shardings, mesh):
     """Shardings of a TrainState: params and EMA from the rules, optimizer moments mirror the params,
     scalars (step, counters, Adam count) replicated."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    treedef = jax.tree.structure(abstract_state.params)
-
-    def is_params_like(x):
-        try:
-            return jax.tree.structure(x) == treedef
-        except TypeError:
-            return False
-
+    is_params_like = _params_like(jax.tree.structure(abstract_state.params))
     opt = jax.tree.map(lambda x: param_shardings if is_params_like(x) else jax.tree.map(lambda _: replicated, x),
                        abstract_state.opt_state, is_leaf=is_params_like)
     return TrainState(step=replicated, params=param_shardings, opt_state=opt, ema=param_shardings,
@@ -136,11 +141,7 @@ def compile_train_step(step_fn, state_shardings, batch_sharding):
 
 def _select_params_like(keep_new, new, old, params_treedef):
     """where(keep_new, new, old) on every params-shaped subtree of an optimizer state (mu, nu, ...)."""
-    def is_params_like(x):
-        try:
-            return jax.tree.structure(x) == params_treedef
-        except TypeError:
-            return False
+    is_params_like = _params_like(params_treedef)
 
     def pick(n, o):
         if is_params_like(n):
@@ -161,14 +162,6 @@ def _with_schedule_count(opt_state, count):
                         opt_state, is_leaf=is_sched)
 
 
-def loss_counts(batch: PackedBatch):
-    """Global numbers of CE and MSE tokens, known from the batch before the forward (§4.6 normalisation)."""
-    length = batch.text_ids.shape[-1]
-    n_ce = jnp.sum(batch.ce_index < length)
-    n_mse = jnp.sum((batch.vae_token_index < length) & (batch.vae_timestep > -jnp.inf))
-    return n_ce, n_mse
-
-
 def make_train_step(graphdef, rest_state, tx, tables: TrainTables, cfg):
     """The pure step function (state, batch, key) -> (state, metrics); jit it with shardings and donation."""
     ema_decay = float(cfg.optim.ema_decay)
@@ -177,22 +170,21 @@ def make_train_step(graphdef, rest_state, tx, tables: TrainTables, cfg):
     ce_w, mse_w = jnp.asarray(tables.ce_weight), jnp.asarray(tables.mse_weight)
     patch_dim = cfg.model.latent_patch_size ** 2 * cfg.model.vae.z_channels
 
-    def forward_sums(params, pack: PackedBatch, key):
+    def pack_loss(params, pack: PackedBatch, key, stage, counts):
+        """One pack's share of the global-batch loss (packed_loss normalised by the global counts)."""
         model = nnx.merge(graphdef, params, rest_state)
         k_vae, k_noise = jax.random.split(key)
         # Frozen VAE: latents of the zero-padded images with a posterior sample (§3.10, §9.1, §9.2).
         latents = jax.lax.stop_gradient(model.vae_model.encode(pack.vae_images, key=k_vae))
         noise = jax.random.normal(k_noise, (pack.vae_token_index.shape[0], patch_dim), jnp.float32)
-        out = model(pack, latents, noise)
-        return jnp.sum(out.ce * pack.ce_weight), jnp.sum(out.mse)
+        loss, terms = packed_loss(model(pack, latents, noise), pack.ce_weight, counts=counts,
+                                  ce_loss_weight=ce_w[stage], mse_loss_weight=mse_w[stage])
+        return loss, (terms["ce"], terms["mse"])
 
     def loss_fn(params, batch: PackedBatch, keys, stage, counts):
-        """This (micro-)batch's share of the §4.6 loss: sums over its packs / the global-batch token counts."""
-        ce_sum, mse_sum = jax.vmap(forward_sums, in_axes=(None, 0, 0))(params, batch, keys)
-        n_ce, n_mse = counts
-        ce = jnp.sum(ce_sum) / jnp.maximum(n_ce, 1)
-        mse = jnp.sum(mse_sum) / jnp.maximum(n_mse, 1)
-        return ce_w[stage] * ce + mse_w[stage] * mse, (ce, mse)
+        """This (micro-)batch's share of the §4.6 loss: the sum of its packs' shares."""
+        loss, (ce, mse) = jax.vmap(pack_loss, in_axes=(None, 0, 0, None, None))(params, batch, keys, stage, counts)
+        return jnp.sum(loss), (jnp.sum(ce), jnp.sum(mse))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 

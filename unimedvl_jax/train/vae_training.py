@@ -7,13 +7,11 @@ train split (random square crops, L1 + MSE reconstruction, a small KL term), the
 flow-matching targets have unit scale. The result is a VAE checkpoint that `train.init_vae_from` installs into a
 UniMedVL before its training starts; the curriculum keeps it frozen.
 
-Layout:  <dir>/config.json   the vae config (with the fitted scale/shift) and the training report
-         <dir>/params/       orbax StandardCheckpointer save of the AutoEncoder's nnx.Param state
+The config section is train/vae_config.py, the checkpoint layout and its installation train/vae_checkpoint.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -23,52 +21,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 
+from data_pipelines.loader import split_images
+from unimedvl_jax.image_metrics import psnr
 from unimedvl_jax.models.vae import AutoEncoder
+from unimedvl_jax.train.vae_checkpoint import save_vae_checkpoint
 
 log = logging.getLogger(__name__)
 
-GEOMETRY_KEYS = ("resolution", "in_channels", "downsample", "ch", "out_ch", "ch_mult", "num_res_blocks",
-                 "z_channels", "norm_groups", "norm_eps")
 
-
-def vae_training_config(**overrides) -> ml_collections.ConfigDict:
-    """The `vae_training` section: steps, batch of square crops, optimiser and loss weights."""
-    c = ml_collections.ConfigDict(dict(
-        steps=1500, batch_size=16, crop_size=64, lr=1e-3, warmup_steps=100, min_lr=1e-5, kl_weight=1e-6,
-        mse_weight=1.0, grad_clip=1.0, seed=0, log_every=100, max_images=0,  # 0 = every image of the split
-        eval_images=64, stats_crops=256,
-    ))
-    c.update(overrides)
-    return c
-
-
-# --------------------------------------------------------------------------------------------- data
-
-
-def split_images(data_cfg, split: str, *, max_images: int = 0) -> list[np.ndarray]:
-    """Distinct images of a split, each resized by the VAE transform (§6) to float32 HxWx3 in [-1, 1]."""
-    from data_pipelines.loader import open_split
-    from data_pipelines.schema import decode_image
-    from data_pipelines.pipeline import source_records
-    from data_pipelines.transforms import ImageTransform
-
-    transform = ImageTransform.from_config(data_cfg.vae_transform)
-    seen, images = set(), []
-    for record in source_records(open_split(data_cfg, split), name=split):
-        for key, blob in zip(record.meta.get("image_keys", [f"{record.id}/{j}" for j in range(len(record.images))]),
-                             record.images):
-            if key in seen:
-                continue
-            seen.add(key)
-            images.append(transform(decode_image(blob, record_id=record.id)).astype(np.float32))
-            if max_images and len(images) >= max_images:
-                return images
-    if not images:
-        raise ValueError(f"split {split!r} of {data_cfg.dataset} in {data_cfg.data_dir} has no images")
-    return images
+# --------------------------------------------------------------------------------------------- crops
 
 
 class CropSampler:
@@ -105,12 +68,6 @@ def vae_loss(vae: AutoEncoder, x, key, *, kl_weight: float, mse_weight: float):
     mse = jnp.mean(jnp.square(recon - x))
     kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
     return l1 + mse_weight * mse + kl_weight * kl, {"l1": l1, "mse": mse, "kl": kl}
-
-
-def psnr(a: np.ndarray, b: np.ndarray, *, peak: float = 2.0) -> float:
-    """PSNR in dB of two images whose value range spans `peak` (2 for [-1, 1], 255 for uint8)."""
-    err = float(np.mean(np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-    return float("inf") if err == 0 else 10.0 * np.log10(peak ** 2 / err)
 
 
 def center_crops(images: list[np.ndarray], size: int, factor: int) -> dict[int, np.ndarray]:
@@ -224,52 +181,3 @@ def train_vae(cfg, out_dir: str, *, console=print) -> dict:
     return report
 
 
-# --------------------------------------------------------------------------------------------- checkpoint
-
-
-def save_vae_checkpoint(path: str, vae: AutoEncoder, vae_cfg, report: dict | None = None) -> None:
-    """Write config.json (vae config + report) and params/ for an AutoEncoder."""
-    os.makedirs(path, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(path, "params"), nnx.state(vae, nnx.Param))
-    checkpointer.wait_until_finished()
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"vae": vae_cfg.to_dict(), "report": report or {}}, f, indent=2)
-
-
-def load_vae_config(path: str) -> ml_collections.ConfigDict:
-    """The vae config (with its fitted latent scale/shift) of a VAE checkpoint."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{cfg_path}: missing; {path} is not a VAE checkpoint (unimedvl-train-vae)")
-    with open(cfg_path) as f:
-        return ml_collections.ConfigDict(json.load(f)["vae"])
-
-
-def adopt_vae_config(model_cfg, path: str) -> None:
-    """Set model_cfg.vae's latent scale/shift from a VAE checkpoint; its geometry must match (in place)."""
-    saved = load_vae_config(path)
-    diff = {k: (model_cfg.vae[k], saved[k]) for k in GEOMETRY_KEYS
-            if json.dumps(model_cfg.vae[k]) != json.dumps(saved[k])}
-    if diff:
-        raise ValueError(f"VAE checkpoint {path} does not match model.vae: " +
-                         ", ".join(f"{k}: config {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items()))
-    model_cfg.vae.scale_factor, model_cfg.vae.shift_factor = saved.scale_factor, saved.shift_factor
-
-
-def install_vae_weights(vae: AutoEncoder, path: str) -> None:
-    """Load a VAE checkpoint's weights into an AutoEncoder (in place), keeping each parameter's sharding."""
-    current = nnx.state(vae, nnx.Param)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), current)
-    nnx.update(vae, ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), target))
-
-
-def install_vae(model, path: str) -> None:
-    """Load a VAE checkpoint into model.vae_model (in place); adopt_vae_config must have set its scale/shift."""
-    saved = load_vae_config(path)
-    vae = model.vae_model
-    if (vae.scale_factor, vae.shift_factor) != (saved.scale_factor, saved.shift_factor):
-        raise ValueError(f"model built with vae scale/shift {vae.scale_factor}/{vae.shift_factor} but {path} "
-                         f"fitted {saved.scale_factor}/{saved.shift_factor}; call adopt_vae_config(cfg.model, "
-                         f"path) before building the model")
-    install_vae_weights(vae, path)
