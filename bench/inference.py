@@ -78,7 +78,7 @@ def bench_text(model, contexts, decode_tokens: int, batch: int, repeats: int):
     prefill, ctxs = {}, {}
     for length in contexts:
         ids = text_prompt(length)
-        prefill[length] = timed(lambda: jax.block_until_ready(Context.new(model, max_len).add_text(ids).cache),
+        prefill[length] = timed(lambda ids=ids: jax.block_until_ready(Context.new(model, max_len).add_text(ids).cache),
                                 repeats)
         ctxs[length] = Context.new(model, max_len).add_text(ids)
     decode_seconds(ctxs, 1), decode_seconds(ctxs, batch)  # compile (once per batch size)
@@ -103,8 +103,8 @@ class ByteTokenizer:
 def text_to_image(model, tokenizer, prompt: str, *, image_size: int, num_timesteps: int, cfg: bool):
     """One (image_size²) text-to-image sample through the image-generation API (decoded to uint8).
 
-    cfg=False sets the text scale to 1, which turns guidance off entirely (§5.3); cfg=True keeps the
-    `interleave_inference` T2I defaults (text 3.0, image 1.5, interval (0.4, 1], §5.5).
+    cfg=False sets the text scale to 1, which turns guidance off entirely (docs/inference.md §5.3); cfg=True keeps the
+    `interleave_inference` T2I defaults (text 3.0, image 1.5, interval (0.4, 1], docs/inference.md §5.5).
     """
     from unimedvl_jax.inference.interleave import text_to_image as generate
 
@@ -118,8 +118,8 @@ def bench_images(model, image_size: int, steps, repeats: int):
     tokenizer, rows = ByteTokenizer(), []
     for num_timesteps in steps:
         for cfg in (False, True):
-            first, best = timed(lambda: text_to_image(model, tokenizer, "a chest x-ray", image_size=image_size,
-                                                      num_timesteps=num_timesteps, cfg=cfg), repeats)
+            first, best = timed(lambda n=num_timesteps, cfg=cfg: text_to_image(
+                model, tokenizer, "a chest x-ray", image_size=image_size, num_timesteps=n, cfg=cfg), repeats)
             rows.append((num_timesteps, cfg, first, best))
     return rows
 

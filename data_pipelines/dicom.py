@@ -25,6 +25,11 @@ import warnings
 import numpy as np
 
 from data_pipelines.schema import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, BadRecord, pil_to_rgb
+from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_color_lut
+import pydicom
+import nibabel as nib
+from PIL import Image
 
 PLANES = ("sagittal", "coronal", "axial")   # canonical RAS voxel axis -> anatomical plane of its slices
 PERCENTILES = (0.5, 99.5)
@@ -107,8 +112,6 @@ def _first_number(value) -> float | None:
 
 def _modality_values(ds, pixels: np.ndarray) -> np.ndarray:
     """Stored values -> modality values (Modality LUT or RescaleSlope/Intercept), float32."""
-    from pydicom.pixels import apply_modality_lut
-
     if "ModalityLUTSequence" in ds or "RescaleSlope" in ds or "RescaleIntercept" in ds:
         return np.asarray(apply_modality_lut(pixels, ds), np.float32)
     slope = _first_number(tag_value(ds, "RescaleSlope"))
@@ -119,8 +122,6 @@ def _modality_values(ds, pixels: np.ndarray) -> np.ndarray:
 
 def _color_to_uint8(ds, pixels: np.ndarray) -> np.ndarray:
     """RGB (already converted from YBR by pydicom) or PALETTE COLOR -> uint8 RGB."""
-    from pydicom.pixels import apply_color_lut
-
     if ds.PhotometricInterpretation == "PALETTE COLOR":
         pixels = apply_color_lut(pixels, ds)
         bits = 16 if pixels.dtype.itemsize > 1 else 8
@@ -133,8 +134,6 @@ def _color_to_uint8(ds, pixels: np.ndarray) -> np.ndarray:
 
 def load_dicom(source, *, record_id: str) -> DicomImage:
     """Read and decode a DICOM file (path or bytes) into modality values; BadRecord('unreadable_image') on failure."""
-    import pydicom
-
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
         with warnings.catch_warnings():
@@ -194,8 +193,6 @@ class Volume:
 
 def load_volume(path, *, record_id: str, volume: int = 0) -> Volume:
     """Load a NIfTI (or other nibabel) image, pick time point `volume` of 4-D data, reorient to canonical RAS."""
-    import nibabel as nib
-
     try:
         img = nib.as_closest_canonical(nib.load(str(path)))
         data = np.ascontiguousarray(img.dataobj, dtype=np.float32)
@@ -249,8 +246,6 @@ def read_nifti(path, *, record_id: str, axis=2, slices=None, volume: int = 0,
 
 def read_raster(source, *, record_id: str) -> np.ndarray:
     """PNG/JPEG/TIFF (path or bytes) -> uint8 (H, W) grayscale or (H, W, 3) RGB; 16-bit/float percentile-windowed."""
-    from PIL import Image
-
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as img:

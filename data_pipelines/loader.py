@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from data_pipelines import tfds_builder
+from data_pipelines.data_shards import DataShardLayout
 from data_pipelines.packing import Packer
 from data_pipelines.pipeline import PackedBatchIterator, ShardedPackIterator, source_records, split_by_task
 from data_pipelines.sample_plan import Planner
@@ -51,38 +52,43 @@ def get_tokenizer(data_cfg, model_cfg, *, workdir: str | None = None):
     return tok
 
 
-def make_iterator(cfg, tokenizer, *, split: str | None = None, start_step: int = 0, shard_index: int | None = None,
-                  shard_count: int | None = None, num_workers: int | None = None,
-                  packs_per_step: int = 1) -> PackedBatchIterator:
-    """The PackedBatch iterator of cfg (model, data, curriculum) for this JAX process's share."""
+def _pack_iterator(cfg, tokenizer, task_sources: dict, *, shard_index: int, shard_count: int, packs_per_step: int,
+                   start_step: int = 0, num_workers: int | None = None) -> PackedBatchIterator:
+    """The PackedBatch iterator of one data shard (source[shard_index::shard_count] of each task's records)."""
     data_cfg = cfg.data
-    source = open_split(data_cfg, split or data_cfg.train_split)
     return PackedBatchIterator(
-        split_by_task(source), StageSchedule.from_config(cfg.curriculum),
-        Planner.from_config(data_cfg, cfg.model, tokenizer), Packer.from_config(data_cfg, cfg.model),
-        seed=int(data_cfg.seed), start_step=start_step,
-        shard_index=jax.process_index() if shard_index is None else shard_index,
-        shard_count=jax.process_count() if shard_count is None else shard_count,
+        task_sources, StageSchedule.from_config(cfg.curriculum), Planner.from_config(data_cfg, cfg.model, tokenizer),
+        Packer.from_config(data_cfg, cfg.model), seed=int(data_cfg.seed), start_step=start_step,
+        shard_index=shard_index, shard_count=shard_count,
         num_workers=int(data_cfg.num_workers if num_workers is None else num_workers), packs_per_step=packs_per_step)
 
 
-def make_sharded_iterator(cfg, tokenizer, layout, *, num_workers: int | None = None) -> ShardedPackIterator:
-    """The iterators of this process's data shards (unimedvl_jax.distributed.DataShardLayout): shard s reads
+def make_iterator(cfg, tokenizer, *, split: str | None = None, start_step: int = 0, shard_index: int | None = None,
+                  shard_count: int | None = None, num_workers: int | None = None,
+                  packs_per_step: int = 1) -> PackedBatchIterator:
+    """One PackedBatch iterator of cfg (model, data, curriculum); by default this JAX process's share."""
+    source = open_split(cfg.data, split or cfg.data.train_split)
+    return _pack_iterator(cfg, tokenizer, split_by_task(source),
+                          shard_index=jax.process_index() if shard_index is None else shard_index,
+                          shard_count=jax.process_count() if shard_count is None else shard_count,
+                          packs_per_step=packs_per_step, start_step=start_step, num_workers=num_workers)
+
+
+def make_sharded_iterator(cfg, tokenizer, layout: DataShardLayout, *,
+                          num_workers: int | None = None) -> ShardedPackIterator:
+    """The iterators of this process's data shards (data_pipelines/data_shards.py): shard s reads
     source[s::layout.shards] and yields layout.rows_per_shard packs per train step (one packer per shard)."""
-    data_cfg = cfg.data
-    task_sources = split_by_task(open_split(data_cfg, data_cfg.train_split))
-    schedule = StageSchedule.from_config(cfg.curriculum)
+    task_sources = split_by_task(open_split(cfg.data, cfg.data.train_split))
     return ShardedPackIterator(
-        {s: PackedBatchIterator(
-            task_sources, schedule, Planner.from_config(data_cfg, cfg.model, tokenizer),
-            Packer.from_config(data_cfg, cfg.model), seed=int(data_cfg.seed), shard_index=s,
-            shard_count=layout.shards, num_workers=int(data_cfg.num_workers if num_workers is None else num_workers),
-            packs_per_step=layout.rows_per_shard) for s in layout.local_shards},
+        {s: _pack_iterator(cfg, tokenizer, task_sources, shard_index=s, shard_count=layout.shards,
+                           packs_per_step=layout.rows_per_shard, num_workers=num_workers)
+         for s in layout.local_shards},
         layout.rows_per_shard)
 
 
 def split_images(data_cfg, split: str, *, max_images: int = 0) -> list[np.ndarray]:
-    """Distinct images of a split, each resized by the VAE transform (§6) to float32 HxWx3 in [-1, 1]."""
+    """Distinct images of a split, each resized by the VAE transform (docs/preprocessing.md §6) to float32
+    HxWx3 in [-1, 1]."""
     transform = ImageTransform.from_config(data_cfg.vae_transform)
     seen, images = set(), []
     for record in source_records(open_split(data_cfg, split), name=split):

@@ -1,4 +1,4 @@
-"""Greedy sequential packing of sample plans into static-shape PackedBatches (§4.3–4.5).
+"""Greedy sequential packing of sample plans into static-shape PackedBatches (docs/packed_sequence.md §4.3–4.5).
 
 Samples are appended in arrival order while every budget holds; a sample that does not fit closes the current
 pack and opens the next one (it is never dropped). A sample that exceeds a budget on its own can never fit and is
@@ -177,13 +177,13 @@ def assemble_pack(plans: list[SamplePlan], budgets: PackBudgets, vit_patch_dim: 
             parts[name].append(getattr(p, name))
         parts["vae_token_image"].append(p.vae_token_image + n_vae)
         parts["vae_token_index"].append(p.vae_token_index + tok)
-        for img in p.vae_images:  # zero padding bottom/right (§4.4)
+        for img in p.vae_images:  # zero padding bottom/right (docs/packed_sequence.md §4.4)
             vae_images[n_vae, : img.shape[0], : img.shape[1]] = img
             n_vae += 1
         n_vit += p.num_vit_images
         tok += p.num_tokens
         split += len(p.split_modes)
-    # Trailing pad sample: own sample and split id, causal, position 0 (§4.3).
+    # Trailing pad sample: own sample and split id, causal, position 0 (docs/packed_sequence.md §4.3).
     sample_id[tok:], split_id[tok:] = len(plans), split
 
     und = np.nonzero((kind == TEXT) | (kind == VIT))[0]

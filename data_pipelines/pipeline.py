@@ -207,7 +207,7 @@ class PackedBatchIterator:
 
 
 class ShardedPackIterator:
-    """This process's data shards (distributed.DataShardLayout): one PackedBatchIterator per shard, each reading
+    """This process's data shards (data_shards.DataShardLayout): one PackedBatchIterator per shard, each reading
     its own disjoint share of the records and yielding `rows_per_shard` packs per train step.
 
     `next_step()` returns this process's packs of one train step in local-row order (shards ascending, each

@@ -46,7 +46,7 @@ def summary(path: pathlib.Path) -> str:
         lines.append(f"        images by modality: {_counts(s['unique_images_by_modality'])}")
     bad = meta.get("bad_records", {})
     lines.append(f"  bad records: {bad.get('total', 0)} {_counts(bad.get('by_reason', {}))}")
-    for reason, examples in bad.get("examples", {}).items():
+    for examples in bad.get("examples", {}).values():
         lines.extend(f"    {example}" for example in examples)
     total = sum(f.stat().st_size for f in path.glob(f"{tfds_builder.DATASET}-*.array_record-*"))
     lines.append(f"  total shard bytes: {total}; build seconds: {meta.get('build_seconds', '?')}")

@@ -1,5 +1,6 @@
-"""One record -> one §4.2 sample plan: the sample's tokens laid out exactly as BAGEL's `pack_sequence` does
-(rope counter, split modes, CE labels, ViT patches, VAE images and latent-token grids, CFG dropout).
+"""One record -> one docs/packed_sequence.md §4.2 sample plan: the sample's tokens laid out exactly as BAGEL's
+`pack_sequence` does (rope counter, split modes, CE labels, ViT patches, VAE images and latent-token grids, CFG
+dropout).
 
 Builders per task (mirroring BAGEL's datasets):
   understanding  images -> ViT conditions (no CFG), texts causal, CE on 'answer' texts (VLM-SFT path)
@@ -24,7 +25,8 @@ from unimedvl_jax.tokenizers import check_compatible
 
 @dataclasses.dataclass(frozen=True)
 class CfgDropout:
-    """CFG condition-dropout probabilities (§4.5): text skips without a rope move, ViT/VAE skip with rope += 1."""
+    """CFG condition-dropout probabilities (docs/packed_sequence.md §4.5): text skips without a rope move, ViT/VAE skip
+    with rope += 1."""
 
     text: float = 0.0
     vit: float = 0.0
@@ -46,7 +48,7 @@ NO_DROPOUT = CfgDropout()
 
 @dataclasses.dataclass(frozen=True)
 class Transforms:
-    """The ViT and VAE image transforms of a pipeline (§6)."""
+    """The ViT and VAE image transforms of a pipeline (docs/preprocessing.md §6)."""
 
     vit: ImageTransform
     vae: ImageTransform
@@ -118,19 +120,25 @@ class SamplePlan:
                 "max_vae_images": len(self.vae_images)}
 
 
-class _PlanBuilder:
-    """Accumulates items with the §4.2 rope / split / label rules."""
+class PlanBuilder:
+    """Accumulates one sample's items with the docs/packed_sequence.md §4.2 rope / split / label rules, in the order
+    they are added (`text`, `vit_image`, `vae_image`), then `build()`s its SamplePlan.
+
+    record_to_plan drives it from a record; tests drive it directly with token ids and pixels
+    (unimedvl_jax.testing). `special_label` on any item is the CE label of its closing special token
+    (<|im_end|> / <|vision_end|>), as BAGEL's `special_token_loss` items.
+    """
 
     def __init__(self, record_id: str, model_cfg):
         self.record_id = record_id
+        self.vocab = int(model_cfg.llm.vocab_size)
         st = model_cfg.special_tokens
-        self.bos, self.eos = int(st.bos_token_id), int(st.eos_token_id)
-        self.soi, self.eoi = int(st.start_of_image), int(st.end_of_image)
+        self.bos, self.eos, self.soi, self.eoi = self._ids(
+            [st.bos_token_id, st.eos_token_id, st.start_of_image, st.end_of_image], "special token ids")
         self.vit_patch = int(model_cfg.vit.patch_size)
         self.vit_side = int(model_cfg.vit_max_num_patch_per_side)
         self.latent_stride = int(model_cfg.vae.downsample) * int(model_cfg.latent_patch_size)
         self.latent_side = int(model_cfg.max_latent_size)
-        self.vocab = int(model_cfg.llm.vocab_size)
         self.rope = 0
         self.items: list[PlanItem] = []
         self.kind, self.text_ids, self.split, self.pos, self.modes = [], [], [], [], []
@@ -139,6 +147,19 @@ class _PlanBuilder:
         self.vae = {k: [] for k in ("image", "row", "col", "pos", "index", "t")}
         self.vae_images: list[np.ndarray] = []
         self.n_vit_images = 0
+
+    def _ids(self, ids, what) -> list[int]:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab]
+        if bad:
+            raise ValueError(f"record {self.record_id!r}: {what} {bad[:5]} outside [0, {self.vocab})")
+        return ids
+
+    def _special_label(self, start, length, label) -> None:
+        """CE label at the closing special token of the item spanning [start, start + length)."""
+        if label is not None:
+            self.ce_index.append(start + length - 1)
+            self.ce_labels += self._ids([label], "special token label")
 
     def _split(self, kinds, ids, positions, mode) -> int:
         start = len(self.kind)
@@ -170,22 +191,16 @@ class _PlanBuilder:
         self.items.append(item)
         if dropped:  # text CFG dropout: no tokens, rope unchanged
             return
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab]
-        if bad:
-            raise ValueError(f"record {self.record_id!r}: token ids {bad[:5]} outside [0, {self.vocab})")
-        toks = [self.bos] + ids + [self.eos]
+        toks = [self.bos] + self._ids(ids, "token ids") + [self.eos]
         item.start = self._split([TEXT] * len(toks), toks, range(self.rope, self.rope + len(toks)), CAUSAL)
         item.length = len(toks)
         self.rope += len(toks)
         if loss:
             self.ce_index += range(item.start, item.start + len(toks) - 1)
             self.ce_labels += toks[1:]
-            if special_label is not None:  # special_token_loss: the im_end position predicts the next special
-                self.ce_index.append(item.start + len(toks) - 1)
-                self.ce_labels.append(int(special_label))
+        self._special_label(item.start, item.length, special_label)  # with or without loss, as BAGEL
 
-    def vit_image(self, pixels, *, segment, dropped):
+    def vit_image(self, pixels, *, segment, dropped, special_label=None):
         """[soi] + patches + [eoi] at one rope id, full attention; rope += 1 (also when dropped)."""
         item = PlanItem("vit", segment, dropped=dropped, rope=self.rope)
         self.items.append(item)
@@ -197,9 +212,10 @@ class _PlanBuilder:
             self.vit["image"].append(np.full(h * w, self.n_vit_images))
             self.vit["index"].append(np.arange(item.start + 1, item.start + 1 + h * w))
             self.n_vit_images += 1
+            self._special_label(item.start, item.length, special_label)
         self.rope += 1
 
-    def vae_image(self, pixels, *, segment, noised, timestep, dropped):
+    def vae_image(self, pixels, *, segment, noised, timestep, dropped, special_label=None):
         """[soi] + latent tokens + [eoi] at one rope id; noised: mode noise, rope kept; clean: full, rope += 1."""
         item = PlanItem("vae", segment, loss=noised, noised=noised, dropped=dropped, rope=self.rope)
         self.items.append(item)
@@ -214,6 +230,7 @@ class _PlanBuilder:
         self.vae["index"].append(np.arange(item.start + 1, item.start + 1 + h * w))
         self.vae["t"].append(np.full(h * w, float(timestep) if noised else -np.inf))
         self.vae_images.append(np.asarray(pixels, np.float32))
+        self._special_label(item.start, item.length, special_label)
         if not noised:
             self.rope += 1
 
@@ -238,7 +255,8 @@ class _PlanBuilder:
 
 def record_to_plan(record: Record, tokenizer, transforms: Transforms, model_cfg, rng: np.random.Generator,
                    cfg_dropout: CfgDropout = NO_DROPOUT, *, special_token_loss: bool = False) -> SamplePlan:
-    """Build the §4.2 sample plan of a validated record (see the module docstring for the per-task rules)."""
+    """Build the docs/packed_sequence.md §4.2 sample plan of a validated record (see the module docstring for the
+    per-task rules)."""
     check_compatible(tokenizer, model_cfg)
     segments = record.segments
     understanding = record.task == "understanding"
@@ -254,7 +272,7 @@ def record_to_plan(record: Record, tokenizer, transforms: Transforms, model_cfg,
     def drop(p):  # CFG condition dropout (only items with enable_cfg reach here)
         return p > 0 and rng.random() < p
 
-    b = _PlanBuilder(record.id, model_cfg)
+    b = PlanBuilder(record.id, model_cfg)
     for i, seg in enumerate(segments):
         last = i == len(segments) - 1
         if seg.kind == "text":

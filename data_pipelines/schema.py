@@ -15,13 +15,15 @@ import dataclasses
 import io
 import json
 import struct
+from PIL import Image
+import numpy as np
 
 TASKS = ("understanding", "generation", "interleaved")
 TEXT_ROLES = ("context", "answer")
 IMAGE_ROLES = ("input", "target")
 SPLITS = ("train", "val", "test")
 MAX_IMAGE_SIDE = 8192
-MAX_IMAGE_PIXELS = 20_000_000  # §6.1: images over 20 MP are rejected
+MAX_IMAGE_PIXELS = 20_000_000  # docs/preprocessing.md §6.1: images over 20 MP are rejected
 
 
 class BadRecord(ValueError):
@@ -123,8 +125,6 @@ class Record:
 
 def decode_image(data: bytes, *, record_id: str, index: int = 0):
     """PNG/JPEG bytes -> PIL RGB image; raises BadRecord for unreadable, zero-size or oversize images."""
-    from PIL import Image
-
     if not data:
         raise BadRecord("zero_size_image", record_id, f"image {index} has no bytes")
     try:
@@ -143,9 +143,8 @@ def decode_image(data: bytes, *, record_id: str, index: int = 0):
 
 
 def pil_to_rgb(img):
-    """§6.1 pil_img2rgb: RGBA / transparency composited on white; everything else converted to RGB."""
-    from PIL import Image
-
+    """docs/preprocessing.md §6.1 pil_img2rgb: RGBA / transparency composited on white; everything else converted to
+    RGB."""
     if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info) or img.mode == "LA":
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -155,9 +154,6 @@ def pil_to_rgb(img):
 
 def encode_png(array) -> bytes:
     """uint8 (H, W) or (H, W, 3) array -> PNG bytes."""
-    import numpy as np
-    from PIL import Image
-
     array = np.asarray(array)
     if array.dtype != np.uint8:
         raise ValueError(f"encode_png expects uint8, got {array.dtype}")

@@ -1,5 +1,5 @@
-"""§6 ImageTransform shared by the ViT and the VAE: the BAGEL resize rule, PIL bicubic resampling, ToTensor +
-Normalize(0.5, 0.5) to [-1, 1] (channels-last here), and the ViT patchify of §3.5."""
+"""docs/preprocessing.md §6 ImageTransform shared by the ViT and the VAE: the BAGEL resize rule, PIL bicubic resampling,
+ToTensor + Normalize(0.5, 0.5) to [-1, 1] (channels-last here), and the ViT patchify of docs/model.md §3.5."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import numpy as np
 
 from data_pipelines.schema import pil_to_rgb
 from unimedvl_jax.patches import patchify
+from PIL import Image
 
-DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024  # 1,806,336 (§6.4)
+DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024  # 1,806,336 (docs/preprocessing.md §6.4)
 
 
 def _make_divisible(value: float, stride: int) -> int:
-    """mk(v) = max(stride, round(v / stride) · stride) with Python's half-to-even round (§6.2)."""
+    """mk(v) = max(stride, round(v / stride) · stride) with Python's half-to-even round (docs/preprocessing.md §6.2)."""
     return max(stride, int(round(value / stride) * stride))
 
 
@@ -25,7 +26,8 @@ def _apply_scale(w: int, h: int, scale: float, stride: int) -> tuple[int, int]:
 
 def resize_target(w: int, h: int, max_size: int, min_size: int, stride: int, max_pixels: int = DEFAULT_MAX_PIXELS,
                   img_num: int = 1) -> tuple[int, int]:
-    """(w', h') of the §6.2 resize rule, including the max_pixels area-as-linear quirk and the max-side clamp."""
+    """(w', h') of the docs/preprocessing.md §6.2 resize rule, including the max_pixels area-as-linear quirk and the
+    max-side clamp."""
     if w <= 0 or h <= 0:
         raise ValueError(f"image size must be positive, got {w}x{h}")
     scale = min(max_size / max(w, h), 1.0)
@@ -41,7 +43,8 @@ def resize_target(w: int, h: int, max_size: int, min_size: int, stride: int, max
 
 def aspect_preserving_target_size(w: int, h: int, max_size: int = 1024, min_size: int = 512, stride: int = 16,
                                   max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """(H, W) generation target for a w×h reference (§6 `_calculate_target_size_with_aspect_ratio`)."""
+    """(H, W) generation target for a w×h reference (docs/preprocessing.md §6
+    `_calculate_target_size_with_aspect_ratio`)."""
     new_w, new_h = resize_target(w, h, max_size, min_size, stride, max_pixels)
     return new_h, new_w
 
@@ -80,8 +83,6 @@ class ImageTransform:
 
     def resize(self, img, img_num: int = 1):
         """PIL image -> resized RGB PIL image (bicubic, as torchvision's PIL path with antialias)."""
-        from PIL import Image
-
         img = pil_to_rgb(img)
         new_w, new_h = self.target_size(*img.size, img_num=img_num)
         if (new_w, new_h) == img.size:
@@ -99,7 +100,7 @@ class ImageTransform:
                    int(c.get("max_pixels", DEFAULT_MAX_PIXELS) or DEFAULT_MAX_PIXELS))
 
 
-# Presets of §6 (released geometry).
+# Presets of docs/preprocessing.md §6 (released geometry).
 VIT_VQA = ImageTransform(980, 378, 14, 2_007_040)   # VLM-SFT / VQA eval
 VIT_EDIT = ImageTransform(518, 224, 14)             # BAGEL edit ViT
 VAE_GEN = ImageTransform(1024, 512, 16)             # T2I / edit VAE (train)

@@ -70,7 +70,7 @@ def official_tokenizer(official_dir) -> OfficialByteTokenizer:
     return OfficialByteTokenizer(config["tokenizer"]["byte_offset"])
 
 
-# grain worker processes parse absl flags on start; mark them parsed (DESIGN.md library notes).
+# grain worker processes parse absl flags on start; mark them parsed (docs/architecture.md "Library notes").
 from absl import flags as _absl_flags  # noqa: E402
 
 _absl_flags.FLAGS.mark_as_parsed()

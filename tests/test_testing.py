@@ -58,7 +58,8 @@ def _samples_from_plan(plan, text_ids, cfg):
 
 @pytest.mark.parametrize("name", ["train_mixed_fp32", "train_vqa_t2i_fp32", "train_t2i_fp32"])
 def test_builder_reproduces_official_pack_layout(official_dir, name):
-    """Rebuilding the recorded sample plans gives exactly the official index layout (§4.2, incl. CFG drops)."""
+    """Rebuilding the recorded sample plans gives exactly the official index layout (docs/packed_sequence.md §4.2, incl.
+    CFG drops)."""
     cfg = model_config_from_official(official_dir / "tiny_ckpt")
     fixture = json.loads((official_dir / "manifest.json").read_text())["fixtures"][name]
     reader = SafetensorsReader(official_dir / f"{name}.safetensors")
@@ -105,7 +106,8 @@ def test_padding_layout():
 
 
 def test_vit_patchify_order_and_positions():
-    """Patch features are (row-in-patch, col-in-patch, channel); ids are r·side + c (§3.5, §3.6)."""
+    """Patch features are (row-in-patch, col-in-patch, channel); ids are r·side + c (docs/model.md §3.5,
+    docs/model.md §3.6)."""
     cfg = small_config()
     pixels = np.random.default_rng(0).uniform(-1, 1, (28, 42, 3)).astype(np.float32)
     b, _, _ = build_packed_batch([[VitImage((2, 3), pixels=pixels)]], cfg)
@@ -120,11 +122,11 @@ def test_vit_patchify_order_and_positions():
 @pytest.mark.parametrize("samples, kwargs, message", [
     ([[Text([1]), VitImage((9, 2))]], {}, "sample 0 item 1 (VitImage): grid 9x2 exceeds the 8x8"),
     ([[Text([1])], [VaeImage((2, 9))]], {}, "sample 1 item 0 (VaeImage): grid 2x9 exceeds the 8x8"),
-    ([[Text([1, 100])]], {}, "sample 0 item 0 (Text): token ids [100] outside the vocabulary"),
+    ([[Text([1, 100])]], {}, "record 'sample 0': token ids [100] outside [0, 100)"),
     ([[Text([1])]], dict(pad_to=2), "pad_to=2 is shorter than the 3 real tokens"),
     ([[Text([1], loss=True)]], dict(capacities=dict(ce=1)), "capacity ce=1 is smaller than the 2"),
     ([[Text([1])]], dict(capacities=dict(moe=3)), "unknown capacity keys ['moe']"),
-    ([[VitImage((1, 1), dropped=True)]], {}, "sample 0 has no tokens"),
+    ([[VitImage((1, 1), dropped=True)]], {}, "record 'sample 0': the sample has no tokens"),
     ([[VitImage((1, 1), pixels=np.zeros((14, 15, 3)))]], {}, "pixels of shape (14, 15, 3), expected (14, 14, 3)"),
     ([[VaeImage((1, 1), noised=True, timestep=float("-inf"))]], {}, "noised image needs a finite timestep"),
     ([["text"]], {}, "sample 0 item 0 (str): unknown item type"),
@@ -145,3 +147,60 @@ def test_random_inputs_are_reproducible():
     np.testing.assert_array_equal(a[1], b[1])
     np.testing.assert_array_equal(a[0].vit_patches, b[0].vit_patches)
     assert not np.array_equal(a[2], c[2])
+
+
+def test_special_token_labels_on_closing_markers():
+    """special_token_label puts one CE label on the item's closing marker, as BAGEL's pack_sequence does: the
+    <|vision_end|> of a ViT image, the <|im_end|> of a text with or without its own loss; nothing else moves."""
+    cfg = small_config()
+    plain = [[Text([1, 2]), VitImage((2, 2)), Text([3], loss=True)]]
+    labelled = [[Text([1, 2], special_token_label=98), VitImage((2, 2), special_token_label=96),
+                 Text([3], loss=True)]]
+    a, _, _ = build_packed_batch(plain, cfg)
+    b, _, _ = build_packed_batch(labelled, cfg)
+    # [96 1 2 97] [98 v v v v 99] [96 3 97]: the closing markers of the first two items sit at 3 and 9
+    assert b.text_ids[3] == 97 and b.text_ids[9] == 99
+    np.testing.assert_array_equal(a.ce_index, [10, 11])
+    np.testing.assert_array_equal(b.ce_index, [3, 9, 10, 11])
+    np.testing.assert_array_equal(b.ce_labels, [98, 96, 3, 97])
+    for field in sorted(set(LAYOUT_FIELDS) - {"ce_index", "ce_labels"}):
+        np.testing.assert_array_equal(getattr(b, field), getattr(a, field), err_msg=field)
+    with pytest.raises(ValueError, match=r"record 'sample 0': special token label \[100\] outside \[0, 100\)"):
+        build_packed_batch([[VitImage((1, 1), special_token_label=100)]], cfg)
+
+
+def test_matches_the_data_pipeline_on_a_record():
+    """An editing record planned by data_pipelines (special_token_loss on: the answer's <|im_end|> predicts
+    <|vision_start|>) and packed by its Packer gives the layout and ViT patches of the same items built here."""
+    from configs import tiny
+    from data_pipelines import schema
+    from data_pipelines.packing import PackBudgets, Packer
+    from data_pipelines.sample_plan import Transforms, record_to_plan
+    from data_pipelines.transforms import ImageTransform
+    from unimedvl_jax.tokenizers import SentencePieceTokenizer
+
+    cfg = tiny.get_config().model
+    texts = ["Make the lesion larger.", "Lesion enlarged."]
+    tok = SentencePieceTokenizer.train(texts * 50, vocab_size=cfg.llm.vocab_size, special_ids=dict(cfg.special_tokens))
+    rng = np.random.default_rng(0)
+    images = [schema.encode_png(rng.integers(0, 256, hw + (3,), dtype=np.uint8)) for hw in [(48, 40), (32, 64)]]
+    segments = [schema.Segment("image", "input", image=0), schema.Segment("text", "context", text=texts[0]),
+                schema.Segment("text", "answer", text=texts[1]), schema.Segment("image", "target", image=1)]
+    rec = schema.Record(id="e1", task="interleaved", segments=segments, images=images, modality="CT",
+                        split="train", source="synthetic", source_scan="e1", license="CC0").validate()
+    transforms = Transforms(vit=ImageTransform(56, 28, 14), vae=ImageTransform(64, 32, 16))
+    plan = record_to_plan(rec, tok, transforms, cfg, np.random.default_rng(3), special_token_loss=True)
+    (pack,) = Packer(PackBudgets(**plan.usage(), vae_image_size=(64, 64)), vit_patch_dim=14 * 14 * 3).pack_all([plan])
+
+    stride = cfg.vae.downsample * cfg.latent_patch_size
+    vae_hw = [tuple(s // stride for s in transforms.vae(schema.decode_image(im, record_id="e1")).shape[:2])
+              for im in images]
+    vit_pixels = transforms.vit(schema.decode_image(images[0], record_id="e1"))
+    timestep = float(plan.vae_timestep[plan.vae_token_image == 1][0])
+    items = [VaeImage(vae_hw[0]), VitImage((vit_pixels.shape[0] // 14, vit_pixels.shape[1] // 14), pixels=vit_pixels),
+             Text(tok.encode(texts[0])), Text(tok.encode(texts[1]), loss=True, special_token_label=tok.start_of_image),
+             VaeImage(vae_hw[1], noised=True, timestep=timestep)]
+    ours, _, _ = build_packed_batch([items], cfg)
+    assert pack.batch.ce_labels[-1] == tok.start_of_image
+    for field in LAYOUT_FIELDS + ["vit_patches", "ce_weight"]:
+        np.testing.assert_array_equal(getattr(ours, field), getattr(pack.batch, field), err_msg=field)

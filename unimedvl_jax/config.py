@@ -1,6 +1,6 @@
 """Model configuration schema (ml_collections) shared by every file under configs/.
 
-Every constant the official code reads from its configs is a field here (spec §10): norm epsilons, rope θ,
+Every constant the official code reads from its configs is a field here (docs/quirks.md §10): norm epsilons, rope θ,
 head_dim, VAE geometry and scale/shift, patch sizes, position-table sides and special-token ids.
 """
 
@@ -12,7 +12,7 @@ LAYER_MODULES = ("dense", "moe", "mot")
 
 
 def llm_config(**overrides) -> ml_collections.ConfigDict:
-    """Qwen2 geometry (§1.1) with the loader overrides applied (qk_norm, untied head, MoT layers)."""
+    """Qwen2 geometry (docs/model.md §1.1) with the loader overrides applied (qk_norm, untied head, MoT layers)."""
     c = ml_collections.ConfigDict(dict(
         hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, intermediate_size=18944,
         vocab_size=152064, rope_theta=1_000_000.0, rms_norm_eps=1e-6, qk_norm=True,
@@ -23,7 +23,7 @@ def llm_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def vit_config(**overrides) -> ml_collections.ConfigDict:
-    """SigLIP-so400m NaViT geometry as instantiated (§1.2): 26 layers, learned 70x70 position table."""
+    """SigLIP-so400m NaViT geometry as instantiated (docs/model.md §1.2): 26 layers, learned 70x70 position table."""
     c = ml_collections.ConfigDict(dict(
         hidden_size=1152, num_layers=26, num_heads=16, intermediate_size=4304, patch_size=14,
         image_size=980, num_channels=3, layer_norm_eps=1e-6,
@@ -33,7 +33,7 @@ def vit_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def vae_config(**overrides) -> ml_collections.ConfigDict:
-    """FLUX.1 autoencoder geometry (§1.3)."""
+    """FLUX.1 autoencoder geometry (docs/model.md §1.3)."""
     c = ml_collections.ConfigDict(dict(
         resolution=256, in_channels=3, downsample=8, ch=128, out_ch=3, ch_mult=[1, 2, 4, 4],
         num_res_blocks=2, z_channels=16, scale_factor=0.3611, shift_factor=0.1159, norm_groups=32,
@@ -44,7 +44,7 @@ def vae_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def model_config(*, llm=None, vit=None, vae=None, **overrides) -> ml_collections.ConfigDict:
-    """Top-level UniMedVL model config (§1.4 Bagel fields, special tokens, kernels, precision)."""
+    """Top-level UniMedVL model config (docs/model.md §1.4 Bagel fields, special tokens, kernels, precision)."""
     c = ml_collections.ConfigDict(dict(
         llm=llm if llm is not None else llm_config(),
         vit=vit if vit is not None else vit_config(),
@@ -54,7 +54,8 @@ def model_config(*, llm=None, vit=None, vae=None, **overrides) -> ml_collections
         vit_max_num_patch_per_side=70,
         connector_act="gelu_pytorch_tanh",
         interpolate_pos=False,
-        timestep_shift=1.0,  # BagelConfig (training) shift; the sampler has its own (§1.4, §9.16)
+        # BagelConfig (training) shift; the sampler has its own (docs/model.md §1.4, docs/quirks.md §9.16)
+        timestep_shift=1.0,
         special_tokens=ml_collections.ConfigDict(dict(
             bos_token_id=151644, eos_token_id=151645, start_of_image=151652, end_of_image=151653)),
         attention_backend="dense",  # 'dense' (CPU/tests) or 'chunked' (memory-bounded)
@@ -68,7 +69,7 @@ def model_config(*, llm=None, vit=None, vae=None, **overrides) -> ml_collections
 
 
 def validate_model_config(c: ml_collections.ConfigDict) -> None:
-    """Fail clearly on the config couplings the official loaders assume silently (§10.4)."""
+    """Fail clearly on the config couplings the official loaders assume silently (docs/quirks.md §10.4)."""
     errors = []
     if c.llm.layer_module not in LAYER_MODULES:
         errors.append(f"llm.layer_module={c.llm.layer_module!r} not in {LAYER_MODULES}")

@@ -1,7 +1,6 @@
-"""The three-stage curriculum as data (§7.1): stage boundaries and per-stage task mixtures.
+"""The three-stage curriculum as data (docs/training.md §7.1): stage boundaries and per-stage task mixtures.
 
 Stages are parallel tuples in the config so every field is overridable from the command line:
-
   curriculum.stage_names   ('foundation', 'instruction', 'unified')
   curriculum.stage_steps   (85_000, 120_000, 70_000)
   curriculum.mixture.understanding / .generation / .interleaved   one weight per stage
@@ -17,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import ml_collections
 
 TASKS = ("understanding", "generation", "interleaved")
 REMAINDER_POLICIES = ("renormalise",)
@@ -72,15 +72,13 @@ class StageSchedule:
 
 
 def curriculum_config(steps=(85_000, 120_000, 70_000)):
-    """The §7.1 curriculum with the published ratios (stage lengths overridable).
+    """The docs/training.md §7.1 curriculum with the published ratios (stage lengths overridable).
 
-    Per-stage training fields (one entry per stage; §7.1 lists them UNVERIFIED for UniMedVL, so BAGEL's §7.2
-    defaults are used): peak lr, warmup steps, schedule ('constant' | 'cosine') with min_lr, CE / MSE loss weights,
-    and the regex of trainable parameter paths (matched with re.search on 'a.b.0.c' JAX paths; the frozen VAE and
-    the fixed position tables are never trained).
+    Per-stage training fields (one entry per stage; docs/training.md §7.4 lists them UNVERIFIED for UniMedVL, so BAGEL's
+    docs/training.md §7.2 defaults are used): peak lr, warmup steps, schedule ('constant' | 'cosine') with min_lr, CE /
+    MSE loss weights, and the regex of trainable parameter paths (matched with re.search on 'a.b.0.c' JAX paths; the
+    frozen VAE and the fixed position tables are never trained).
     """
-    import ml_collections
-
     return ml_collections.ConfigDict(dict(
         stage_names=("foundation", "instruction", "unified"),
         stage_steps=tuple(steps),

@@ -1,11 +1,12 @@
-"""Data section of the experiment config: pack budgets (static PackedBatch shapes), image transforms (§6),
-CFG dropout (§4.5) and where the shards live. Shared by configs/*.py."""
+"""Data section of the experiment config: pack budgets (static PackedBatch shapes), image transforms
+(docs/preprocessing.md §6), CFG dropout (docs/packed_sequence.md §4.5) and where the shards live. Shared by
+configs/*.py."""
 
 from __future__ import annotations
 
 import ml_collections
 
-DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024  # §6.4
+DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024  # docs/preprocessing.md §6.4
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
@@ -17,7 +18,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         # ViT: side 224 = 16 patches (= the tiny table side); VAE: stride = downsample·latent_patch_size = 16.
         vit_transform=dict(max_size=224, min_size=112, stride=14, max_pixels=DEFAULT_MAX_PIXELS),
         vae_transform=dict(max_size=128, min_size=64, stride=16, max_pixels=DEFAULT_MAX_PIXELS),
-        cfg_dropout=dict(text=0.1, vit=0.3, vae=0.3),  # BAGEL training-script values (§4.5)
+        cfg_dropout=dict(text=0.1, vit=0.3, vae=0.3),  # BAGEL training-script values (docs/packed_sequence.md §4.5)
         special_token_loss=False,
         # Shards: a TFDS data dir and dataset directory name (python -m data_pipelines.build ...).
         data_dir="data",

@@ -76,7 +76,7 @@ def _save_png(image, path: str) -> None:
 
 
 def vqa_main(argv=None) -> int:
-    """unimedvl-vqa: answer a question about a medical image (greedy by default, §5.4)."""
+    """unimedvl-vqa: answer a question about a medical image (greedy by default, docs/inference.md §5.4)."""
     p = argparse.ArgumentParser(prog="unimedvl-vqa", description=vqa_main.__doc__)
     _common(p)
     _image_args(p)
@@ -97,7 +97,8 @@ def _numbered(path: str, i: int, n: int) -> str:
 
 
 def generate_main(argv=None) -> int:
-    """unimedvl-generate: text → image(s) with two-way CFG and the flow-matching Euler sampler (§5.3)."""
+    """unimedvl-generate: text → image(s) with two-way CFG and the flow-matching Euler sampler
+    (docs/inference.md §5.3)."""
     from unimedvl_jax.inference.interleave import T2I_DEFAULTS
 
     p = argparse.ArgumentParser(prog="unimedvl-generate", description=generate_main.__doc__)
@@ -107,7 +108,7 @@ def generate_main(argv=None) -> int:
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="image size (default: the training run's VAE image size, 1024² for official checkpoints)")
-    p.add_argument("--think", action="store_true", help="plan in text first (§5.3 think mode)")
+    p.add_argument("--think", action="store_true", help="plan in text first (docs/inference.md §5.3 think mode)")
     _sampler_args(p, T2I_DEFAULTS)
     args = p.parse_args(argv)
     if args.num_images < 1:
@@ -128,7 +129,8 @@ def generate_main(argv=None) -> int:
 
 
 def edit_main(argv=None) -> int:
-    """unimedvl-edit: image + instruction → image (super-resolution, denoising, translation, ...; §5.3)."""
+    """unimedvl-edit: image + instruction → image (super-resolution, denoising, translation, ...;
+    docs/inference.md §5.3)."""
     from unimedvl_jax.inference.interleave import EDIT_DEFAULTS
 
     p = argparse.ArgumentParser(prog="unimedvl-edit", description=edit_main.__doc__)
@@ -137,7 +139,7 @@ def edit_main(argv=None) -> int:
     p.add_argument("--instruction", required=True)
     p.add_argument("--out", required=True, help="PNG path")
     p.add_argument("--understand-first", action="store_true",
-                   help="describe the image first and append the reply to the instruction (§5.5)")
+                   help="describe the image first and append the reply to the instruction (docs/inference.md §5.5)")
     _sampler_args(p, EDIT_DEFAULTS)
     args = p.parse_args(argv)
     loaded = _load(args, "unimedvl-edit")

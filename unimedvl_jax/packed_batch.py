@@ -1,4 +1,4 @@
-"""The one packed-batch contract shared by data, model, loss and inference (DESIGN.md "Core ideas").
+"""The one packed-batch contract shared by data, model, loss and inference (docs/architecture.md "Core ideas").
 
 All arrays have static shapes so one compiled step serves every batch:
   T  tokens in the packed sequence      P  ViT patches        V  VAE latent tokens
@@ -44,7 +44,7 @@ class PackedBatch:
     vit_image_id: jax.Array    # (P,) image each patch belongs to (attention stays inside one image)
     vit_token_index: jax.Array  # (P,) position in the sequence, T for padding
     # VAE input
-    vae_images: jax.Array      # (N, H, W, 3) in [-1, 1], zero padded bottom/right (§4.4)
+    vae_images: jax.Array      # (N, H, W, 3) in [-1, 1], zero padded bottom/right (docs/packed_sequence.md §4.4)
     vae_token_image: jax.Array  # (V,) which image each latent token comes from
     vae_token_row: jax.Array   # (V,) token-grid row
     vae_token_col: jax.Array   # (V,) token-grid column

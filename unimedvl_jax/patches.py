@@ -1,5 +1,6 @@
-"""Image grids shared by data, model and inference: raster token grids, flattened 2-D position ids (§3.6) and
-the patchify order of ViT patches (§3.5) and latent tokens (§3.10). Pure array code (numpy or jax)."""
+"""Image grids shared by data, model and inference: raster token grids, flattened 2-D position ids (docs/model.md §3.6)
+and the patchify order of ViT patches (docs/model.md §3.5) and latent tokens (docs/model.md §3.10). Pure array code
+(numpy or jax)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ def grid_rows_cols(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def flattened_position_ids(h: int, w: int, side: int, interpolate: bool = False) -> np.ndarray:
-    """Flattened 2-D ids of an h×w grid in a side×side table: 'extrapolate' r*side+c, or bucketized (§3.6)."""
+    """Flattened 2-D ids of an h×w grid in a side×side table: 'extrapolate' r*side+c, or bucketized
+    (docs/model.md §3.6)."""
     if not interpolate:
         if h > side or w > side:
             raise ValueError(f"grid {h}x{w} exceeds the {side}x{side} position table")
@@ -28,7 +30,8 @@ def flattened_position_ids(h: int, w: int, side: int, interpolate: bool = False)
 def patchify(x, patch: int):
     """(p·h, p·w, C) -> (h·w, p·p·C) in raster order, features (row-in-patch, col-in-patch, channel).
 
-    The ordering shared by the ViT patches (§3.5) and the latent tokens (§3.10); works on numpy and jax arrays.
+    The ordering shared by the ViT patches (docs/model.md §3.5) and the latent tokens (docs/model.md §3.10); works on
+    numpy and jax arrays.
     """
     hp, wp, c = x.shape
     h, w = hp // patch, wp // patch

@@ -1,4 +1,4 @@
-"""Device mesh and the logical-axis → mesh-axis rules tables (DESIGN.md "Sharding is a table").
+"""Device mesh and the logical-axis → mesh-axis rules tables (docs/architecture.md "Sharding is a table").
 
 Every parameter carries logical axis names (models/layers.annotated_param). A rules table maps each logical name
 to a mesh axis (or None = replicated along that dim). `partition_spec` resolves one parameter: a mesh axis is used
@@ -13,6 +13,7 @@ import math
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.experimental import mesh_utils
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -58,8 +59,6 @@ def make_mesh(shape, devices=None, *, dcn_shape=None) -> Mesh:
 
 def hybrid_device_grid(shape, dcn_shape, devices):
     """Device array of `shape` whose `dcn_shape` outer blocks are whole slices (see make_mesh)."""
-    from jax.experimental import mesh_utils
-
     if len(dcn_shape) != len(MESH_AXES) or any(d < 1 or s % d for s, d in zip(shape, dcn_shape)):
         raise ValueError(f"mesh.dcn_shape {tuple(dcn_shape)} must divide mesh.shape {tuple(shape)} axis by axis")
     ici = [s // d for s, d in zip(shape, dcn_shape)]
@@ -114,16 +113,6 @@ def shard_model(model, rules, mesh: Mesh):
                           is_leaf=lambda x: isinstance(x, nnx.Variable))
     nnx.update(model, placed)
     return model
-
-
-def describe(model, mesh: Mesh) -> dict[str, str]:
-    """{parameter path: partition spec} for logging and tests."""
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        value = var.get_value()
-        sharding = getattr(value, "sharding", None)
-        out[".".join(map(str, path))] = str(sharding.spec if isinstance(sharding, NamedSharding) else None)
-    return out
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

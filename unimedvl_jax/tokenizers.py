@@ -1,5 +1,5 @@
-"""Tokenizers behind one interface (§4.1): a SentencePiece BPE trained in memory (tiny configs) and the Qwen2
-byte-level BPE read from a `tokenizer.json`.
+"""Tokenizers behind one interface (docs/packed_sequence.md §4.1): a SentencePiece BPE trained in memory (tiny configs)
+and the Qwen2 byte-level BPE read from a `tokenizer.json`.
 
 `encode` never adds BOS/EOS; the packer wraps every text as <|im_start|> + ids + <|im_end|>. The four special
 tokens are matched in input text and emitted by `decode`, as Qwen2's tokenizer does.
@@ -13,8 +13,10 @@ import json
 import os
 import pathlib
 import re
+import sentencepiece as spm
+from tokenizers import Tokenizer as HFTokenizer
 
-# Config key (model `special_tokens`) -> token string (§4.1 table).
+# Config key (model `special_tokens`) -> token string (docs/packed_sequence.md §4.1 table).
 SPECIAL_TOKENS = {
     "bos_token_id": "<|im_start|>",
     "eos_token_id": "<|im_end|>",
@@ -27,7 +29,7 @@ MIN_SP_PIECES = 288  # 256 byte-fallback pieces + <unk> + a few merges
 
 
 class Tokenizer(abc.ABC):
-    """Text <-> token ids with the four special tokens of §4.1 at the model config's ids."""
+    """Text <-> token ids with the four special tokens of docs/packed_sequence.md §4.1 at the model config's ids."""
 
     @property
     @abc.abstractmethod
@@ -88,8 +90,6 @@ class SentencePieceTokenizer(Tokenizer):
     """SentencePiece BPE over ids [0, N) plus the four special tokens at fixed ids outside that range."""
 
     def __init__(self, model_proto: bytes, special_ids: dict[str, int], vocab_size: int):
-        import sentencepiece as spm
-
         self._proto = bytes(model_proto)
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
         self._special = {k: int(special_ids[k]) for k in SPECIAL_TOKENS}
@@ -122,8 +122,6 @@ class SentencePieceTokenizer(Tokenizer):
 
         vocab_size is the model's vocabulary (llm.vocab_size); every id, special ones included, stays below it.
         """
-        import sentencepiece as spm
-
         special_ids = {k: int(special_ids[k]) for k in SPECIAL_TOKENS}
         if num_pieces is None:
             num_pieces = min(min(special_ids.values()), vocab_size)
@@ -199,8 +197,6 @@ class QwenTokenizer(Tokenizer):
     """Qwen2 byte-level BPE from a HF `tokenizer.json` (via the `tokenizers` library); no BOS/EOS on encode."""
 
     def __init__(self, path):
-        from tokenizers import Tokenizer as HFTokenizer
-
         self._path = pathlib.Path(path)
         self._tok = HFTokenizer.from_file(str(self._path))
         self._tok.no_padding()

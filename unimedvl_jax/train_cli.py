@@ -28,7 +28,8 @@ _INIT_TIMEOUT = flags.DEFINE_float("init_timeout", None, "seconds to wait for th
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _run(argv) -> None:
+def run(argv, *, hooks=None) -> None:
+    """The command after flag parsing; `hooks` (train/loop.py TrainHooks) serve tests (tests/train/hooked_train.py)."""
     from unimedvl_jax.entry_point import start
 
     # before any JAX computation: joins the multi-process job described by the environment, if any
@@ -38,7 +39,7 @@ def _run(argv) -> None:
     from unimedvl_jax.train.loop import NonFiniteError, StageMismatchError, train
 
     try:
-        result = train(_CONFIG.value, _WORKDIR.value)
+        result = train(_CONFIG.value, _WORKDIR.value, hooks=hooks)
     except (NonFiniteError, StageMismatchError) as e:
         print(f"unimedvl-train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -47,7 +48,7 @@ def _run(argv) -> None:
 
 def main(argv=None) -> None:
     """Console-script entry point (absl app; --config / --workdir / --config.x.y=v flags)."""
-    app.run(_run, argv=argv)
+    app.run(run, argv=argv)
 
 
 if __name__ == "__main__":

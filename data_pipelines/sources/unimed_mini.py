@@ -35,6 +35,12 @@ from data_pipelines import dicom
 from data_pipelines.sources import medical_text
 from data_pipelines.schema import Record, Segment, encode_png
 from data_pipelines.splits import split_for_scan
+from PIL import Image
+import pydicom
+from pydicom.data import get_testdata_file
+import skimage.data
+import nibabel
+import nilearn
 
 NAME = "unimed-mini"
 # Split salt, chosen once among unimed-mini-v0..v39 so that the two big scans (MNI volumes, US cine) land in train
@@ -115,8 +121,6 @@ def _seed(text: str) -> int:
 
 def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize (W, H) with PIL: Lanczos when shrinking, bicubic when enlarging; keeps dtype (uint8 or float32)."""
-    from PIL import Image
-
     h, w = array.shape[:2]
     shrink = size[0] <= w and size[1] <= h
     method = Image.Resampling.LANCZOS if shrink else Image.Resampling.BICUBIC
@@ -260,9 +264,6 @@ def _volume_units(max_side: int, *, maps: tuple[VolumeMap, ...], axes: tuple[int
 def _dicom_scan(name: str, modality: str, region: str | None, description: str, *, facts: dict,
                 ct_family: str | None = None, qa: tuple = ()) -> Scan | None:
     """Scan entry for a DICOM test file shipped by pydicom or pydicom-data (None when it is not installed)."""
-    import pydicom
-    from pydicom.data import get_testdata_file
-
     found = get_testdata_file(name, download=False)
     if found is None:
         return None
@@ -279,8 +280,6 @@ def _dicom_scan(name: str, modality: str, region: str | None, description: str, 
 def _skimage_scan(file: str, modality: str, region: str | None, description: str, *, facts: dict,
                   tiles: int = 1, qa: tuple = ()) -> Scan:
     """Scan entry for an image bundled in skimage/data."""
-    import skimage.data
-
     path = pathlib.Path(skimage.data.__file__).parent / file
     source = _package_file("scikit-image", skimage.__file__, path)
     read = functools.partial(_raster_units, path=path, source=source, description=description, facts=facts,
@@ -304,9 +303,6 @@ def _volume_scan(key: str, license_: str, region: str, maps: tuple[VolumeMap, ..
 
 def scans() -> list[Scan]:
     """The catalog of unimed-mini source scans available in this environment (fixed order)."""
-    import nibabel
-    import nilearn
-
     mr, ct, us = ({"modality_name": "MRI"}, {"modality_name": "CT"}, {"modality_name": "ultrasound"})
     mni_maps = (
         _volume_map(nilearn, "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "t1",

@@ -1,5 +1,6 @@
-"""Record -> §4.2 sample plan -> static-shape PackedBatch: rope rules, split modes, CE labels, CFG dropout, every
-text / ViT / VAE token accounted for, budgets (next pack, oversize rejection), and a tiny-model forward on a pack."""
+"""Record -> docs/packed_sequence.md §4.2 sample plan -> static-shape PackedBatch: rope rules, split modes, CE labels,
+CFG dropout, every text / ViT / VAE token accounted for, budgets (next pack, oversize rejection), and a tiny-model
+forward on a pack."""
 
 import logging
 import pickle
@@ -75,8 +76,8 @@ def edit(rid, seed=2):
                   [png(48, 48, seed), png(32, 64, seed + 1, gray=True), png(64, 64, seed + 2)])
 
 
-def plan(rec, tok, *, seed=0, dropout=CfgDropout(), **kw):
-    return record_to_plan(rec, tok, TRANSFORMS, MODEL, np.random.default_rng(seed), dropout, **kw)
+def plan(rec, tok, *, seed=0, dropout=None, **kw):
+    return record_to_plan(rec, tok, TRANSFORMS, MODEL, np.random.default_rng(seed), dropout or CfgDropout(), **kw)
 
 
 def split_spans(p):
@@ -85,7 +86,7 @@ def split_spans(p):
              p.text_ids[p.split_index == s]) for s in range(len(p.split_modes))]
 
 
-# --- sample plans (§4.2) ------------------------------------------------------------------------------------------
+# --- sample plans (docs/packed_sequence.md §4.2) ----------------------------------------------------------------------
 
 def test_understanding_plan(tok):
     rec = vqa("u1")
@@ -186,7 +187,7 @@ def test_plan_errors_name_the_record(tok):
         record_to_plan(vqa("big-1", size=(280, 280)), tok, big_vit, MODEL, np.random.default_rng(0))
 
 
-# --- packing (§4.3–4.5) -----------------------------------------------------------------------------------------
+# --- packing (docs/packed_sequence.md §4.3–4.5) -----------------------------------------------------------------------
 
 def expected_text_tokens(rec, tok):
     """TEXT-kind ids of a record's sample without dropout, derived from the record alone."""
@@ -214,7 +215,7 @@ def corpus():
 
 
 def check_pack(pack: Pack, plans: dict, budgets: PackBudgets):
-    """Every §4 invariant of one pack against the plans of its records."""
+    """Every docs/packed_sequence.md §4 invariant of one pack against the plans of its records."""
     b, t = pack.batch, budgets.max_tokens
     kind, n = b.token_kind, pack.num_real_tokens
     n_samples = len(pack.record_ids)
@@ -228,7 +229,7 @@ def check_pack(pack: Pack, plans: dict, budgets: PackBudgets):
         assert len(np.unique(b.split_mode[b.split_id == s])) == 1
     # Per sample: tokens, positions and modes are the plan's.
     offset, vit_rows, images = 0, [], []
-    for s, rid in enumerate(pack.record_ids):
+    for rid in pack.record_ids:
         p = plans[rid]
         sl = slice(offset, offset + p.num_tokens)
         assert b.text_ids[sl].tolist() == p.text_ids.tolist() and kind[sl].tolist() == p.token_kind.tolist()
@@ -260,7 +261,7 @@ def check_pack(pack: Pack, plans: dict, budgets: PackBudgets):
         assert sel.sum() == h * w
         assert b.vae_token_row[:n_vae][sel].tolist() == np.repeat(np.arange(h), w).tolist()
         assert b.vae_token_col[:n_vae][sel].tolist() == np.tile(np.arange(w), h).tolist()
-        # zero padding bottom/right (§4.4)
+        # zero padding bottom/right (docs/packed_sequence.md §4.4)
         np.testing.assert_array_equal(b.vae_images[img_id, :img.shape[0], :img.shape[1]], img)
         assert not b.vae_images[img_id, img.shape[0]:].any() and not b.vae_images[img_id, :, img.shape[1]:].any()
     assert not b.vae_images[len(images):].any()

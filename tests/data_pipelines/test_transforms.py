@@ -1,5 +1,6 @@
-"""§6 ImageTransform: the resize rule (half-to-even rounding, min-size upscaling, the max_pixels area-as-linear
-quirk, the max-side clamp, stride multiples), PIL bicubic resampling, [-1, 1] normalisation and §3.5 patchify."""
+"""docs/preprocessing.md §6 ImageTransform: the resize rule (half-to-even rounding, min-size upscaling, the max_pixels
+area-as-linear quirk, the max-side clamp, stride multiples), PIL bicubic resampling, [-1, 1] normalisation and
+docs/model.md §3.5 patchify."""
 
 import numpy as np
 import pytest

@@ -1,5 +1,5 @@
-"""Image generation (§5.3): the official text→image and editing runs recorded in the fixtures are reproduced
-step by step from their initial noise (contexts, per-branch velocities, guidance, Euler steps, decoding), and
+"""Image generation (docs/inference.md §5.3): the official text→image and editing runs recorded in the fixtures are
+reproduced step by step from their initial noise (contexts, per-branch velocities, guidance, Euler steps, decoding), and
 the guidance, renorm and sampler are checked against independent NumPy references."""
 
 import json
@@ -60,7 +60,7 @@ def official_run(model, tokenizer, transforms, spec, t):
     eps = [nhwc(t["cond_vae_posterior_eps"])] if "cond_vae_posterior_eps" in t else None
     contexts, shape = build_contexts(model, tokenizer, inputs, vae_transform=transforms[0],
                                      vit_transform=transforms[1], vae_eps=eps)
-    assert shape in (None, recorded_shape)  # an input image sets the output size (§5.3)
+    assert shape in (None, recorded_shape)  # an input image sets the output size (docs/inference.md §5.3)
     latents, trace = generate_image(model, contexts, recorded_shape, init_noise=t["init_noise"], return_trace=True,
                                     **kwargs)
     return contexts, recorded_shape, np.asarray(latents), trace
@@ -90,14 +90,14 @@ def test_official_run_fp32(run, official_model, official_tokenizer, official_man
 
     image, decoded = decode_latents(official_model, latents, shape, return_float=True)
     assert max_diff(decoded, np.transpose(t["decoded_float"][0], (1, 2, 0))) <= TOL
-    # Truncation to uint8 (§9.11) can flip a value sitting on an integer boundary by one.
+    # Truncation to uint8 (docs/quirks.md §9.11) can flip a value sitting on an integer boundary by one.
     off = np.abs(image.astype(int) - t["image_uint8_hwc"])
     assert off.max() <= 1 and np.mean(off > 0) < 0.01
 
 
 def test_convenience_functions_reproduce_official_runs(official_model, official_tokenizer, official_manifest,
                                                        official_tensors, transforms):
-    """text_to_image / edit_image build the same three contexts as InterleaveInferencer (§5.3)."""
+    """text_to_image / edit_image build the same three contexts as InterleaveInferencer (docs/inference.md §5.3)."""
     spec, t = official_manifest["fixtures"]["infer_t2i_fp32"], official_tensors("infer_t2i_fp32")
     kwargs = dict(spec["kwargs"])
     shape = kwargs.pop("image_shapes")
@@ -116,7 +116,8 @@ def test_convenience_functions_reproduce_official_runs(official_model, official_
 
 
 def test_edit_contexts_follow_interleave_rules(official_model, official_tokenizer, official_tensors, transforms):
-    """[image, text]: cond = VAE + ViT image + text, text-uncond = image only, image-uncond = text only (§5.3)."""
+    """[image, text]: cond = VAE + ViT image + text, text-uncond = image only, image-uncond = text only
+    (docs/inference.md §5.3)."""
     t = official_tensors("infer_edit_fp32")
     text = "Synthesize the matching IHC stain."
     contexts, shape = build_contexts(official_model, official_tokenizer, [t["cond_image_uint8_hwc"], text],
@@ -146,8 +147,8 @@ def test_add_vae_image_validates_its_inputs(official_model):
 @pytest.mark.parametrize("run", RUNS)
 def test_bf16_sampling_arithmetic_is_bit_exact(run, official_manifest, official_tensors):
     """Fed the official bf16 branch velocities, guidance and Euler steps reproduce the recorded bf16ac run bit
-    for bit (bf16 ops, bf16 v·dt, fp32 accumulator, §10.1), and bf16 decoder outputs convert to the recorded
-    uint8 image (§10.2)."""
+    for bit (bf16 ops, bf16 v·dt, fp32 accumulator, docs/quirks.md §10.1), and bf16 decoder outputs convert to the
+    recorded uint8 image (docs/quirks.md §10.2)."""
     spec, t = official_manifest["fixtures"][f"{run}_bf16ac"], official_tensors(f"{run}_bf16ac")
     kw = spec["kwargs"]
     timesteps = flow_timesteps(kw["num_timesteps"], kw["timestep_shift"])
@@ -166,14 +167,14 @@ def test_bf16_sampling_arithmetic_is_bit_exact(run, official_manifest, official_
         assert np.array_equal(np.asarray(x_next), expected), i
     decoded = jnp.asarray(np.transpose(t["decoded_float"][0], (1, 2, 0)), jnp.bfloat16)
     assert np.array_equal(np.asarray(to_uint8(decoded)), t["image_uint8_hwc"])
-    # The same values converted in fp32 differ on some pixels: the bf16 rounding is what matches (§10.2).
+    # The same values converted in fp32 differ on some pixels: the bf16 rounding is what matches (docs/quirks.md §10.2).
     assert not np.array_equal(np.asarray(to_uint8(decoded.astype(jnp.float32))), t["image_uint8_hwc"])
 
 
 def test_edit_understand_first_appends_the_reply(official_model, official_tokenizer, official_tensors,
                                                  transforms):
-    """UniMedVL pre-pass (§5.5): the greedy reply to [image (ViT only), instruction] is appended to the
-    instruction as instruction + "\n\n" + reply, then the edit runs on that instruction."""
+    """UniMedVL pre-pass (docs/inference.md §5.5): the greedy reply to [image (ViT only), instruction] is appended to
+    the instruction as instruction + "\n\n" + reply, then the edit runs on that instruction."""
     t = official_tensors("infer_edit_fp32")
     image, instruction = t["cond_image_uint8_hwc"], "Synthesize the matching IHC stain."
     common = dict(vae_transform=transforms[0], vit_transform=transforms[1], seed=5, num_timesteps=3)
@@ -188,7 +189,8 @@ def test_edit_understand_first_appends_the_reply(official_model, official_tokeni
 
 
 def test_think_mode_contexts(official_model, official_tokenizer):
-    """Think (§5.3): the system prompt leads cond and image-uncond; the greedy plan is added to cond only."""
+    """Think (docs/inference.md §5.3): the system prompt leads cond and image-uncond; the greedy plan is added to cond
+    only."""
     prompt, shape = "axial CT", (32, 48)
     common = dict(num_timesteps=2, timestep_shift=1.0, cfg_text_scale=2.0, cfg_img_scale=1.5, seed=1)
     out = text_to_image(official_model, official_tokenizer, prompt, image_shape=shape, think=True,
@@ -225,7 +227,7 @@ def test_bf16_run_close_to_official_bf16(run, bf16_model, official_tokenizer, of
 # --- guidance, renorm and sampler against independent references --------------------------------------------
 
 def numpy_guidance(v_c, v_t, v_i, s_t, s_i, renorm_type, renorm_min):
-    """§5.3 in float64; returns (v, the renorm factors before clamping)."""
+    """docs/inference.md §5.3 in float64; returns (v, the renorm factors before clamping)."""
     def norm(v, per_token):
         return np.linalg.norm(v, axis=-1, keepdims=True) if per_token else np.linalg.norm(v)
 
@@ -269,9 +271,11 @@ def test_guidance_matches_numpy_reference(renorm_type):
 
 
 def test_image_guidance_needs_text_guidance():
-    """s_T ≤ 1 disables guidance altogether, even with s_I > 1 (§9.5); outside the interval scales are 1."""
+    """s_T ≤ 1 disables guidance altogether, even with s_I > 1 (docs/quirks.md §9.5); outside the interval
+    scales are 1."""
     assert guidance_branches(1.0, 2.0) == 1 and guidance_branches(1.5, 1.0) == 2 and guidance_branches(1.5, 2.0) == 3
-    assert guidance_scales(np.float32(0.4), (0.4, 1.0), 3.0, 1.5) == (1.0, 1.0)  # §10.6: float32 0.4 is not > 0.4
+    # docs/quirks.md §10.6: float32 0.4 is not > 0.4
+    assert guidance_scales(np.float32(0.4), (0.4, 1.0), 3.0, 1.5) == (1.0, 1.0)
     assert guidance_scales(np.float32(0.41), (0.4, 1.0), 3.0, 1.5) == (3.0, 1.5)
     assert guidance_scales(np.float32(1.0), (0.4, 1.0), 3.0, 1.5) == (3.0, 1.5)
 
@@ -315,7 +319,7 @@ def test_euler_sampler_matches_numpy_integrator():
                        timesteps)
     np.testing.assert_allclose(np.asarray(got), x, rtol=1e-5, atol=1e-5)
     # Direction and end point: on a straight path x_t = (1 − t)·data + t·noise the velocity is noise − data
-    # (§3.11) and Euler from t = 1 lands exactly on the data at t = 0.
+    # (docs/model.md §3.11) and Euler from t = 1 lands exactly on the data at t = 0.
     data, noise = rng.standard_normal(8), rng.standard_normal(8)
     got = euler_sample(lambda x_t, t, i: jnp.asarray(noise - data, jnp.float32), noise, timesteps)
     np.testing.assert_allclose(np.asarray(got), data, atol=1e-5)

@@ -1,5 +1,5 @@
-"""Batched KV-cache text generation (§5.2) against greedy decoding by full recompute, the top-p rule against a
-NumPy reference, seeding, compile counts and the stop rules."""
+"""Batched KV-cache text generation (docs/inference.md §5.2) against greedy decoding by full recompute, the top-p rule
+against a NumPy reference, seeding, compile counts and the stop rules."""
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +49,8 @@ def _ce_logits(model, batch, latents, noise):
 
 
 def greedy_by_recompute(model, items, max_new):
-    """§5.2 greedy without a cache: each step runs prompt + [<|im_start|>, generated...] through the packed
-    training forward and takes the argmax at the last position."""
+    """docs/inference.md §5.2 greedy without a cache: each step runs prompt + [<|im_start|>, generated...] through the
+    packed training forward and takes the argmax at the last position."""
     generated = []
     for _ in range(max_new):
         # The open answer segment is built as a closed text; its trailing <|im_end|> cannot affect earlier

@@ -1,6 +1,6 @@
 """VQA with the KV cache reproduces the official Bagel.chat / InterleaveInferencer runs recorded in the fixtures:
-ViT tokens from the raw image (§6 transform + §3.5 patchify), the prefill KV cache (post k-norm + RoPE, §5.1),
-every step's logits and the greedy tokens (§5.2)."""
+ViT tokens from the raw image (docs/preprocessing.md §6 transform + docs/model.md §3.5 patchify), the prefill KV cache
+(post k-norm + RoPE, docs/inference.md §5.1), every step's logits and the greedy tokens (docs/inference.md §5.2)."""
 
 import numpy as np
 import pytest
@@ -57,7 +57,8 @@ def test_chat_path_matches_official(model, official_dir):
 
 
 def test_inferencer_path_matches_official(model, official_dir):
-    """InterleaveInferencer resizes with the VAE rule first, then the ViT transform (§5.3 'Before adding')."""
+    """InterleaveInferencer resizes with the VAE rule first, then the ViT transform
+    (docs/inference.md §5.3 'Before adding')."""
     chat = read(official_dir / "infer_vqa_chat_fp32.safetensors")
     t = read(official_dir / "infer_vqa_inferencer_fp32.safetensors")
     image = Image.fromarray(chat["image_uint8_hwc"])
@@ -72,7 +73,8 @@ def test_inferencer_path_matches_official(model, official_dir):
 
 
 def test_generation_stops_at_im_end_and_context_is_unchanged(model):
-    """The newly predicted <|im_end|> ends generation and is not returned; gen works on a copy (§5.2)."""
+    """The newly predicted <|im_end|> ends generation and is not returned; gen works on a copy
+    (docs/inference.md §5.2)."""
     st = model.cfg.special_tokens
     ctx = Context.new(model, 64).add_text([40, 41, 42])
     before = (ctx.kv_len, ctx.rope, np.asarray(ctx.cache.keys).copy())

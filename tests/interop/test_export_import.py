@@ -112,8 +112,8 @@ def _text_logits(model, ids):
     n = len(ids)
     meta = TokenMeta(jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int32), jnp.full(n, CAUSAL, jnp.int32),
                      jnp.arange(n, dtype=jnp.int32))
-    hidden, _ = lm(lm.embed(jnp.asarray(ids)), jnp.arange(n), meta, [jnp.arange(n, dtype=jnp.int32),
-                                                                    jnp.zeros(0, jnp.int32)])
+    hidden, _, _ = lm(lm.embed(jnp.asarray(ids)), jnp.arange(n), meta,
+                      [jnp.arange(n, dtype=jnp.int32), jnp.zeros(0, jnp.int32)])
     return np.asarray(lm.logits(hidden))
 
 
@@ -186,7 +186,8 @@ def test_exported_vit_loads_into_hf_siglip(tmp_path, tiny):
 
 
 def released_official_shapes():
-    """§2.1 / §2.2 key lists with shapes, enumerated from the spec text (independent of the name map)."""
+    """Key lists with shapes of docs/model.md §2.1 and docs/model.md §2.2, enumerated from the documented rules
+    (independent of the name map)."""
     H, I, KV, V, D = 3584, 18944, 512, 152064, 128
     ema = {"language_model.model.embed_tokens.weight": (V, H), "language_model.lm_head.weight": (V, H),
            "language_model.model.norm.weight": (H,), "language_model.model.norm_moe_gen.weight": (H,)}

@@ -97,7 +97,8 @@ def test_training_forward_matches_official(imported, official_dir, manifest, nam
 
 
 def test_training_forward_bf16_close(official_dir, manifest):
-    """bf16 params + compute vs the official bf16 run: loose tolerance (different rounding points, §9.9)."""
+    """bf16 params + compute vs the official bf16 run: loose tolerance (different rounding points,
+    docs/quirks.md §9.9)."""
     import ml_collections
     from unimedvl_jax.interop.official_config import model_config_from_official
 
@@ -183,7 +184,8 @@ def test_vae_fixture(imported, official_dir):
 
 @pytest.mark.parametrize("name", TRAIN_FIXTURES)
 def test_training_latents_from_padded_images(imported, official_dir, name):
-    """padded_latent = AutoEncoder.encode(padded_images) with the recorded posterior eps (§4.4, §9.2)."""
+    """padded_latent = AutoEncoder.encode(padded_images) with the recorded posterior eps (docs/packed_sequence.md §4.4,
+    docs/quirks.md §9.2)."""
     model, _, _ = imported
     t = read(official_dir / f"{name}.safetensors")
     nhwc = lambda a: np.transpose(a, (0, 2, 3, 1))  # noqa: E731

@@ -1,4 +1,5 @@
-"""Packed attention (§4.3): the mask against the official recorded masks, and the dense vs chunked backends."""
+"""Packed attention (docs/packed_sequence.md §4.3): the mask against the official recorded masks, and the dense vs
+chunked backends."""
 
 import json
 
@@ -97,7 +98,7 @@ def test_dense_and_chunked_backends_agree(block_size):
 
 
 def test_dense_attention_matches_explicit_softmax():
-    """The dense backend is softmax(q·k/√d + mask) v with query head h reading KV head h // G (§3.3)."""
+    """The dense backend is softmax(q·k/√d + mask) v with query head h reading KV head h // G (docs/model.md §3.3)."""
     meta = _mixed_layout()
     t, hq, hkv, d = meta.length, 4, 2, 16
     rng = np.random.default_rng(1)

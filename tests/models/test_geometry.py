@@ -27,10 +27,11 @@ def load_config(name):
 
 
 def released_counts():
-    """Per-part parameter counts of §1.5, derived from the §2.1 tensor list (H=3584, I=18944, KV=512, D=128)."""
+    """Per-part parameter counts of docs/model.md §1.5, derived from the docs/model.md §2.1 tensor list (H=3584,
+    I=18944, KV=512, D=128)."""
     H, I, KV, D, V = 3584, 18944, 512, 128, 152064
     expert_layer = (H * H + H) + 2 * (KV * H + KV) + H * H + 2 * D + 3 * I * H + 2 * H
-    assert expert_layer == 233_058_048  # §1.5 "each expert, per layer"
+    assert expert_layer == 233_058_048  # docs/model.md §1.5 "each expert, per layer"
     llm = 28 * 2 * expert_layer + 2 * V * H + 2 * H
     Hv, Iv, side = 1152, 4304, 70
     vit_layer = 4 * (Hv * Hv + Hv) + 4 * Hv + (Iv * Hv + Iv) + (Hv * Iv + Hv)
@@ -43,7 +44,7 @@ def released_counts():
 
 
 def flux_ae_count(ch=128, ch_mult=(1, 2, 4, 4), blocks=2, z=16):
-    """FLUX AE parameters enumerated from the §2.2 layout."""
+    """FLUX AE parameters enumerated from the docs/model.md §2.2 layout."""
     conv = lambda i, o, k: i * o * k * k + o  # noqa: E731
     norm = lambda c: 2 * c  # noqa: E731
     res = lambda i, o: norm(i) + conv(i, o, 3) + norm(o) + conv(o, o, 3) + (conv(i, o, 1) if i != o else 0)  # noqa
@@ -88,7 +89,7 @@ def test_released_geometry_parameter_counts_and_axes():
     total = sum(v for k, v in expected.items() if k != "vae_model")
     assert round(total / 1e9, 2) == 14.61
     ema_keys = [e for e in build_name_map(abstract) if e.file == "ema.safetensors"]
-    assert len(ema_keys) == 1223  # §2.1
+    assert len(ema_keys) == 1223  # docs/model.md §2.1
 
 
 def test_tiny_config_validates_and_builds_abstractly():

@@ -95,7 +95,7 @@ def _packed_inputs(samples, pad=0):
 
 @nnx.jit(static_argnames=("backend", "block_size"))
 def _forward(model, ids, pos, meta, *, backend, block_size):
-    hidden, _ = model(model.embed(ids), pos, meta, expert_indexes=[None], backend=backend, block_size=block_size)
+    hidden, _, _ = model(model.embed(ids), pos, meta, expert_indexes=[None], backend=backend, block_size=block_size)
     return model.logits(hidden)
 
 
@@ -161,7 +161,8 @@ def test_dense_matches_hf_qwen2_on_packed_samples(qwen2_pair):
 
 def test_qk_norm_and_qkv_bias_match_hf_qwen3(qwen3_pair):
     hf, ours = qwen3_pair
-    # The HF Qwen3 attention (this transformers version) norms q/k per head before RoPE, as §3.2/§3.3 require.
+    # The HF Qwen3 attention (this transformers version) norms q/k per head before RoPE, as docs/model.md §3.2
+    # and docs/model.md §3.3 require.
     from transformers.models.qwen3 import modeling_qwen3
 
     src = inspect.getsource(modeling_qwen3.Qwen3Attention.forward)

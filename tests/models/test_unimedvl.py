@@ -1,5 +1,6 @@
-"""UniMedVL training forward on hand-built packs (§3.4, §3.10, §3.11, §4.2–4.6): an independent NumPy MoT layer,
-packing and padding invariance, noise-split isolation, expert separation, and the CE / MSE loss semantics."""
+"""UniMedVL training forward on hand-built packs (docs/model.md §3.4, docs/model.md §3.10, docs/model.md §3.11,
+docs/packed_sequence.md §4.2–4.6): an independent NumPy MoT layer, packing and padding invariance, noise-split
+isolation, expert separation, and the CE / MSE loss semantics."""
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from unimedvl_jax.packed_batch import NOISE, PAD, TEXT, VAE, VIT
 from unimedvl_jax.testing import Text, VaeImage, VitImage, build_packed_batch
 from unimedvl_jax.testing import small_model_config
 
-EXPERT_SUFFIXES = ("", "_moe_gen")  # und, gen (§1.5)
+EXPERT_SUFFIXES = ("", "_moe_gen")  # und, gen (docs/model.md §1.5)
 
 
 def tiny_config():
@@ -75,7 +76,8 @@ S_GEN = [txt(6), vae(2, 3, noised=True, timestep=0.3), vae(2, 2), vit(2, 2), txt
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 1. One MoT decoder layer against an independent NumPy reference written from §3.1–3.4 and §4.3
+# 1. One MoT decoder layer against an independent NumPy reference written from docs/model.md §3.1–3.4 and
+# docs/packed_sequence.md §4.3
 # --------------------------------------------------------------------------------------------------------------
 
 def _np_rmsnorm(x, w, eps):
@@ -91,7 +93,7 @@ def _np_rope(x, pos, theta):
 
 
 def _np_allowed(sample, split, mode, i, j):
-    """§4.3 rule for query i, key j, written out token by token."""
+    """docs/packed_sequence.md §4.3 rule for query i, key j, written out token by token."""
     if sample[i] != sample[j]:
         return False
     if mode[j] == NOISE and split[j] != split[i]:
@@ -100,7 +102,7 @@ def _np_allowed(sample, split, mode, i, j):
 
 
 def _np_mot_layer(w, x, expert, pos, sample, split, mode, cfg):
-    """Per token t with expert e = expert[t]: h = x + O_e(attn); out = h + MLP_e(N2_e(h)) (§3.4)."""
+    """Per token t with expert e = expert[t]: h = x + O_e(attn); out = h + MLP_e(N2_e(h)) (docs/model.md §3.4)."""
     t_len, hidden = x.shape
     nh, nkv = cfg.num_heads, cfg.num_kv_heads
     d = hidden // nh
@@ -142,7 +144,8 @@ def test_decoder_layer_matches_numpy_mot_reference(model):
         scale = 0.2 if var.ndim == 1 else var.shape[0] ** -0.5  # kernels ~ N(0, 1/fan_in): O(1) activations
         var[...] = jnp.asarray(float(is_norm) + scale * rng.standard_normal(var.shape), jnp.float32)
     w = {p: np.asarray(v[...], np.float64) for p, v in _params(layer).items()}
-    assert any("_moe_gen" in p for p in w) and len(w) == 2 * 14  # per expert: q,k,v (+bias), o, q/k norm, 3 MLP, 2 norms
+    # per expert: q,k,v (+bias), o, q/k norm, 3 MLP, 2 norms
+    assert any("_moe_gen" in p for p in w) and len(w) == 2 * 14
 
     batch, _, _ = build_packed_batch([S_GEN, [vit(2, 2), txt(3, loss=True), vae(2, 2)]], CFG, pad_to=60,
                                      capacities=dict(und=48, gen=20))
@@ -174,7 +177,8 @@ def _counts(batch):
 
 
 def test_packing_two_samples_equals_running_each_alone(model):
-    """Per-token CE, MSE and hidden states of a sample do not depend on what else is in the pack (§4.3 (a))."""
+    """Per-token CE, MSE and hidden states of a sample do not depend on what else is in the pack
+    (docs/packed_sequence.md §4.3 (a))."""
     b_pack, _, _, out_pack = run(model, [S_UND, S_GEN], **STATIC)
     offsets = [0, 0, 0]
     for sample in (S_UND, S_GEN):
@@ -196,7 +200,8 @@ def _later_text_logits(model, batch, out, after):
 
 
 def test_noised_image_is_invisible_to_later_tokens(model):
-    """Perturbing a noised target changes nothing outside its split; perturbing a clean condition does (§4.3 (c))."""
+    """Perturbing a noised target changes nothing outside its split; perturbing a clean condition does
+    (docs/packed_sequence.md §4.3 (c))."""
     noised, clean = vae(2, 2, noised=True, timestep=0.5), vae(2, 3)
     prompt, answer = txt(5), txt(4, loss=True)
     batch, _, _, base = run(model, [[prompt, noised, clean, answer]], **STATIC)
@@ -248,11 +253,11 @@ def test_gen_expert_weights_do_not_touch_understanding_tokens(model):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 3. Loss semantics (§3.11, §4.6) and padding invariance
+# 3. Loss semantics (docs/model.md §3.11, docs/packed_sequence.md §4.6) and padding invariance
 # --------------------------------------------------------------------------------------------------------------
 
 def _np_patchify(latent, h, w):
-    """(p·h, p·w, C) -> (h·w, p·p·C) in (py, px, c) order, written from §3.10."""
+    """(p·h, p·w, C) -> (h·w, p·p·C) in (py, px, c) order, written from docs/model.md §3.10."""
     tokens = []
     for r in range(h):
         for c in range(w):
@@ -262,7 +267,8 @@ def _np_patchify(latent, h, w):
 
 def test_loss_semantics(model):
     """t=sigmoid(n), clean tokens have no MSE, CE only at loss positions, packed_loss = Σ/N per term."""
-    noised, clean = vae(2, 3, noised=True, timestep=-12.0), vae(2, 2)  # a tiny t > 0 still counts (§3.11 8)
+    # a tiny t > 0 still counts (docs/model.md §3.11 step 8)
+    noised, clean = vae(2, 3, noised=True, timestep=-12.0), vae(2, 2)
     items = [txt(3), noised, clean, Text([5, 6, 7], loss=True)]
     batch, latents, noise, out = run(model, [S_UND, items], **STATIC)
     t_len = batch.num_tokens
@@ -300,7 +306,7 @@ def test_loss_semantics(model):
 
 
 def test_pack_without_noised_image_has_zero_mse_and_finite_gradients(model):
-    """An understanding-only pack (clean VAE condition, no target) trains: MSE term 0, no NaN (§10.8)."""
+    """An understanding-only pack (clean VAE condition, no target) trains: MSE term 0, no NaN (docs/quirks.md §10.8)."""
     batch, latents, noise = build_packed_batch([S_UND, [txt(3), vae(2, 2), Text([8, 9], loss=True)]], CFG,
                                                **STATIC)
     assert not np.any(np.asarray(batch.vae_timestep) > -np.inf) and np.any(batch.vae_token_index < batch.num_tokens)

@@ -1,4 +1,5 @@
-"""FLUX.1 autoencoder: parity with diffusers AutoencoderKL, released geometry vs §2.2, latent sampling (§3.10)."""
+"""FLUX.1 autoencoder: parity with diffusers AutoencoderKL, released geometry vs docs/model.md §2.2, latent sampling
+(docs/model.md §3.10)."""
 
 import math
 
@@ -160,12 +161,12 @@ def test_parity_with_diffusers(diffusers_vae):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 2. Released geometry: names, shapes, parameter count and sharding metadata against §2.2
+# 2. Released geometry: names, shapes, parameter count and sharding metadata against docs/model.md §2.2
 # --------------------------------------------------------------------------------------------------------------
 
 
 def official_flux_ae_shapes(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, in_ch=3, out_ch=3, z=16):
-    """Official FLUX `ae.safetensors` keys → torch shapes, enumerated from the §2.2 rules."""
+    """Official FLUX `ae.safetensors` keys → torch shapes, enumerated from the docs/model.md §2.2 rules."""
     shapes = {}
 
     def conv(name, cin, cout, k):
@@ -219,12 +220,12 @@ def official_flux_ae_shapes(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, in_c
 
 
 def test_released_geometry_matches_official_state_dict():
-    """nnx.eval_shape of the released AE: same keys/shapes/count as §2.2, logical axes on every param."""
+    """nnx.eval_shape of the released AE: same keys/shapes/count as docs/model.md §2.2, logical axes on every param."""
     cfg = vae_config()
     model = nnx.eval_shape(lambda: AutoEncoder(cfg, rngs=nnx.Rngs(0)))
     official = official_flux_ae_shapes()
 
-    # Spot checks written straight from the §2.2 text.
+    # Spot checks written straight from the docs/model.md §2.2 text.
     assert official["encoder.conv_out.weight"] == (32, 512, 3, 3)
     assert official["decoder.conv_in.weight"] == (512, 16, 3, 3)
     assert official["decoder.up.1.block.0.nin_shortcut.weight"] == (256, 512, 1, 1)

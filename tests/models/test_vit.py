@@ -1,5 +1,5 @@
-"""SigLIP NaViT encoder: parity with HuggingFace SiglipVisionModel (§3.5, §3.6) and no attention leak between packed
-images of different sizes.
+"""SigLIP NaViT encoder: parity with HuggingFace SiglipVisionModel (docs/model.md §3.5, docs/model.md §3.6) and no
+attention leak between packed images of different sizes.
 
 Every HF weight is randomised (LayerNorm scales 1+0.1N, non-zero biases everywhere, position table N), so a
 mis-mapped parameter, a wrong patch flattening order or wrong position ids fails the comparison.
@@ -34,7 +34,7 @@ def _patchify(image):
 
 
 def _position_ids(nh, nw):
-    """Extrapolate flattened 2-D ids (§3.6): pid = r * SIDE + c, the top-left corner of the table."""
+    """Extrapolate flattened 2-D ids (docs/model.md §3.6): pid = r * SIDE + c, the top-left corner of the table."""
     r, c = np.meshgrid(np.arange(nh), np.arange(nw), indexing="ij")
     return (r * SIDE + c).reshape(-1)
 

@@ -4,7 +4,8 @@ tmp: exact resume after SIGKILL, SIGTERM preemption, restore onto other mesh sha
 files and the export-ready final/ checkpoint.
 
 Every run of one program shares a persistent JAX compilation cache (a compiled step is reused, not recompiled);
-runs that differ only in host-side test hooks (sleep, poisoned batches) compile the same program."""
+runs that differ only in host-side test hooks (tests/train/hooked_train.py: sleep, poisoned batches) compile the
+same program."""
 
 import collections
 import json
@@ -36,12 +37,13 @@ def env(tmp_path_factory, unimed_mini_dir):
 
 
 def launch(env, workdir, *overrides, devices=1):
-    """Start `python -m unimedvl_jax.train_cli` on `devices` simulated CPU devices."""
+    """Start unimedvl-train (tests/train/hooked_train.py: the CLI plus test-only hooks) on `devices` simulated CPU
+    devices."""
     proc_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
                     JAX_COMPILATION_CACHE_DIR=str(env["cache"]), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                     XLA_FLAGS=f"{FAST_XLA} --xla_force_host_platform_device_count={devices}")
-    cmd = [sys.executable, "-m", "unimedvl_jax.train_cli", f"--config={CONFIG}", f"--workdir={workdir}",
+    cmd = [sys.executable, "tests/train/hooked_train.py", f"--config={CONFIG}", f"--workdir={workdir}",
            f"--config.data.data_dir={env['data']}", *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -110,7 +112,7 @@ LOSS_TERMS = ("loss", "ce", "mse", "grad_norm", "lr")
 
 def test_exact_resume_after_sigkill(env, reference):
     workdir = env["base"] / "killed"
-    proc = launch(env, workdir, "--config.train.debug_step_sleep_s=0.5")
+    proc = launch(env, workdir, "--sleep_after_step=0.5")
     wait_for(lambda: (workdir / "checkpoints").is_dir() and committed(workdir, 6), proc, "checkpoint 6")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
@@ -138,7 +140,7 @@ def test_exact_resume_after_sigkill(env, reference):
 
 def test_sigterm_saves_and_exits_zero_then_resumes(env, reference):
     workdir = env["base"] / "preempted"
-    proc = launch(env, workdir, "--config.train.debug_step_sleep_s=0.5")
+    proc = launch(env, workdir, "--sleep_after_step=0.5")
     wait_for(lambda: any(r["step"] >= 3 for r in rows(workdir)), proc, "step 3")
     proc.send_signal(signal.SIGTERM)
     rc, out, err = finish(proc)
@@ -184,7 +186,7 @@ def test_restore_onto_other_mesh_shapes(env):
 
 def test_consecutive_nonfinite_steps_stop_with_error(env):
     workdir = env["base"] / "nonfinite"
-    _, err = run(env, workdir, "--config.train.debug_poison_steps=(2,5,6,7)", "--config.data.num_workers=0",
+    _, err = run(env, workdir, "--poison_steps=2,5,6,7", "--config.data.num_workers=0",
                  "--config.train.max_consecutive_nonfinite=3", expect_rc=1)
     assert "step 7: 3 consecutive non-finite steps (train.max_consecutive_nonfinite=3)" in err
     assert "loss terms at step 7: ce=nan, mse=" in err and "loss=nan, grad_norm=" in err

@@ -1,5 +1,6 @@
-"""The jitted train step (unimedvl_jax/train/step.py): in-jit curriculum, frozen groups, non-finite skip, §4.6
-normalisation, and the same per-step losses on 8 simulated CPU devices (subprocess) as on one.
+"""The jitted train step (unimedvl_jax/train/step.py): in-jit curriculum, frozen groups, non-finite skip,
+docs/packed_sequence.md §4.6 normalisation, and the same per-step losses on 8 simulated CPU devices (subprocess) as on
+one.
 
 One module-scoped run of a tiny model through all three stages (stage_steps (3, 2, 3), weight decay on) is
 recorded state by state; the single-process tests read that trajectory, so the step compiles once for them all.
@@ -279,8 +280,8 @@ def test_non_finite_step_is_skipped_and_counted(run):
 
 
 def test_loss_is_normalised_over_the_global_batch(run):
-    """§4.6: ce = Σce·w / N_ce and mse = Σmse / N_mse with sums and counts over both packs, recomputed pack by pack
-    with the step's key derivation (fold_in(key, step) → split per pack → (vae, noise))."""
+    """docs/packed_sequence.md §4.6: ce = Σce·w / N_ce and mse = Σmse / N_mse with sums and counts over both packs,
+    recomputed pack by pack with the step's key derivation (fold_in(key, step) → split per pack → (vae, noise))."""
     cfg = run.cfg
     patch_dim = cfg.model.latent_patch_size ** 2 * cfg.model.vae.z_channels
 
@@ -296,8 +297,8 @@ def test_loss_is_normalised_over_the_global_batch(run):
     n_packs = run.batch.text_ids.shape[0]
     for k in (0, 3):  # stage 0 (ce only) and stage 1 (mse only), from the recorded parameters
         keys = jax.random.split(jax.random.fold_in(run.key, k), n_packs)
-        terms = np.array([[float(x) for x in pack_terms(run.states[k].params, jax.tree.map(lambda a: a[b],
-                                                                                            run.batch), keys[b])]
+        terms = np.array([[float(x) for x in pack_terms(run.states[k].params,
+                                                        jax.tree.map(lambda a, b=b: a[b], run.batch), keys[b])]
                           for b in range(n_packs)], np.float64)
         ce_sum, n_ce, mse_sum, n_mse = terms.T
         assert len(set(n_ce)) == n_packs and len(set(n_mse)) == n_packs  # packs differ, so normalisation matters

@@ -52,14 +52,15 @@ def vqa_items(source, questions: tuple[str, ...], *, limit: int | None = None) -
 
 def answer(model, tokenizer, transform: ImageTransform, image_bytes: bytes, question: str, *,
            max_new_tokens: int = 16, record_id: str = "?") -> str:
-    """Greedy answer of the model to one question about one encoded image (Bagel.chat flow, §5.4)."""
+    """Greedy answer of the model to one question about one encoded image (Bagel.chat flow, docs/inference.md §5.4)."""
     return answer_image(model, tokenizer, transform, decode_image(image_bytes, record_id=record_id), question,
                         max_new_tokens=max_new_tokens)
 
 
 def answer_image(model, tokenizer, transform: ImageTransform, image, question: str, *,
                  max_new_tokens: int = 16) -> str:
-    """Greedy answer to one question about one image (PIL image or uint8 array; Bagel.chat flow, §5.4)."""
+    """Greedy answer to one question about one image (PIL image or uint8 array; Bagel.chat flow,
+    docs/inference.md §5.4)."""
     pixels = transform(Image.fromarray(image) if isinstance(image, np.ndarray) else image)
     patch = model.cfg.vit.patch_size
     grid = (pixels.shape[0] // patch, pixels.shape[1] // patch)

@@ -1,1 +1,2 @@
-"""Inference: KV-cache context (§5.1) and text generation (§5.2, §5.4)."""
+"""Inference: KV-cache context (docs/inference.md §5.1) and text generation (docs/inference.md §5.2,
+docs/inference.md §5.4)."""

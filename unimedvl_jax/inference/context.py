@@ -1,5 +1,6 @@
-"""A generation context (§5.1): cached text / ViT-image segments with host-side kv_len and rope bookkeeping,
-and greedy / temperature text generation (§5.2) as used by Bagel.chat for VQA (§5.4)."""
+"""A generation context (docs/inference.md §5.1): cached text / ViT-image segments with host-side kv_len and rope
+bookkeeping, and greedy / temperature text generation (docs/inference.md §5.2) as used by Bagel.chat for VQA
+(docs/inference.md §5.4)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ class Context:
         return new, hidden[:n]
 
     def add_text(self, ids) -> "Context":
-        """[<|im_start|>] + ids + [<|im_end|>], causal, positions rope … rope+L+1 (§4.2, §5.1)."""
+        """[<|im_start|>] + ids + [<|im_end|>], causal, positions rope … rope+L+1 (docs/packed_sequence.md §4.2,
+        docs/inference.md §5.1)."""
         st = self.model.cfg.special_tokens
         tokens = np.asarray([st.bos_token_id, *ids, st.eos_token_id], np.int32)
         embeds = self.model.language_model.embed(jnp.asarray(tokens))
@@ -56,7 +58,8 @@ class Context:
                             rope_after=self.rope + len(tokens))[0]
 
     def add_vit_image(self, patches, grid_hw) -> "Context":
-        """[<|vision_start|>] + ViT tokens + [<|vision_end|>], full attention, all at one rope id (§5.1)."""
+        """[<|vision_start|>] + ViT tokens + [<|vision_end|>], full attention, all at one rope id
+        (docs/inference.md §5.1)."""
         st, side = self.model.cfg.special_tokens, self.model.cfg.vit_max_num_patch_per_side
         h, w = grid_hw
         pos_ids = flattened_position_ids(h, w, side)
@@ -67,18 +70,20 @@ class Context:
         return self._append(embeds, kinds, np.full(h * w + 2, self.rope), FULL, rope_after=self.rope + 1)[0]
 
     def add_vae_image(self, pixels, *, eps=None, key=None) -> "Context":
-        """[<|vision_start|>] + clean VAE latents (t = 0) + [<|vision_end|>], full attention, one rope id (§5.1).
+        """[<|vision_start|>] + clean VAE latents (t = 0) + [<|vision_end|>], full attention, one rope id
+        (docs/inference.md §5.1).
 
-        pixels: (H, W, 3) in [-1, 1]. The VAE posterior is sampled (§9.1) with noise `eps` (1, H/f, W/f, C) or
-        drawn from the PRNG `key`. Markers use the und expert, latents the gen expert; rope advances by one.
+        pixels: (H, W, 3) in [-1, 1]. The VAE posterior is sampled (docs/quirks.md §9.1) with noise `eps`
+        (1, H/f, W/f, C) or drawn from the PRNG `key`. Markers use the und expert, latents the gen expert; rope advances
+        by one.
         """
         tokens, grid = encode_image_tokens(self.model, pixels, eps=eps, key=key)
         embeds, kinds = image_token_embeds(self.model, tokens, 0.0, latent_position_ids(self.model, grid))
         return self._append(embeds, kinds, np.full(len(kinds), self.rope), FULL, rope_after=self.rope + 1)[0]
 
     def generate_text(self, max_length: int, *, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
-        """§5.2: feed <|im_start|>, then greedy (temperature 0) or sampled tokens until <|im_end|> is predicted
-        or max_length steps (the start token counts as step 1). Returns (token ids incl. the start token,
+        """docs/inference.md §5.2: feed <|im_start|>, then greedy (temperature 0) or sampled tokens until <|im_end|> is
+        predicted or max_length steps (the start token counts as step 1). Returns (token ids incl. the start token,
         per-step logits (steps, vocab)). The context itself is unchanged (gen_text works on a copy)."""
         out = decode([self], max_length, temperature=temperature, top_p=top_p, seed=seed, return_logits=True)
         return out.ids[0], out.logits[0]

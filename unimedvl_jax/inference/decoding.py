@@ -1,4 +1,4 @@
-"""Batched KV-cache text decoding (§5.2) over contexts of different lengths.
+"""Batched KV-cache text decoding (docs/inference.md §5.2) over contexts of different lengths.
 
 Each row keeps its own cache, kv_len and rope; the rows' caches are stacked on a leading batch axis and one
 jitted step advances every row by one token (the single-context cache append, vmapped). Shapes depend only on
@@ -76,8 +76,8 @@ class Decoded:
 
 def decode(contexts: Sequence, max_length: int, *, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
            return_logits: bool = False) -> Decoded:
-    """§5.2 for each context (same model and cache size): feed <|im_start|>, then chosen tokens, until a row's
-    newly predicted token is <|im_end|> (not kept) or it has run max_length steps (the start token is step 1).
+    """docs/inference.md §5.2 for each context (same model and cache size): feed <|im_start|>, then chosen tokens, until
+    a row's newly predicted token is <|im_end|> (not kept) or it has run max_length steps (the start token is step 1).
 
     The contexts are not modified. Sampling is deterministic given the seed and the row's index in the batch.
     """

@@ -1,5 +1,6 @@
-"""Flow-matching Euler sampler of §5.3 ('Schedule'): shifted time from 1 to exactly 0, num_timesteps − 1 steps
-x ← x − v(x, t_i)·(t_i − t_{i+1}), the velocity pointing from data to noise (§3.11). x stays float32."""
+"""Flow-matching Euler sampler of docs/inference.md §5.3 ('Schedule'): shifted time from 1 to exactly 0,
+num_timesteps − 1 steps x ← x − v(x, t_i)·(t_i − t_{i+1}), the velocity pointing from data to noise
+(docs/model.md §3.11). x stays float32."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def flow_timesteps(num_timesteps: int, timestep_shift: float) -> np.ndarray:
 
 
 def euler_update(x, v, dt):
-    """x − v·dt with x float32. The product takes v's dtype (a bf16 product in bf16 inference, §10.1)."""
+    """x − v·dt with x float32. The product takes v's dtype (a bf16 product in bf16 inference, docs/quirks.md §10.1)."""
     step = rounding_to(v.dtype)(v.astype(jnp.float32) * jnp.float32(dt))
     return x - step.astype(x.dtype)
 

@@ -1,8 +1,9 @@
-"""Two-way classifier-free guidance with velocity renormalisation (§5.3 'Velocity', §9.5).
+"""Two-way classifier-free guidance with velocity renormalisation (docs/inference.md §5.3 'Velocity',
+docs/quirks.md §9.5).
 
 v_c is the conditional velocity, v_text the text-unconditional one, v_img the image-unconditional one. All
 arithmetic is rounded to the velocities' dtype after every op: in bf16 inference the official combination and
-renorm are bf16 tensor ops (§10.1).
+renorm are bf16 tensor ops (docs/quirks.md §10.1).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ def check_guidance(cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_min, 
 
 
 def guidance_scales(t, cfg_interval, cfg_text_scale, cfg_img_scale) -> tuple[float, float]:
-    """(s_T, s_I) at shifted time t: the given scales if low < t ≤ high, else (1, 1) (§5.3, §9.5).
+    """(s_T, s_I) at shifted time t: the given scales if low < t ≤ high, else (1, 1) (docs/inference.md §5.3,
+    docs/quirks.md §9.5).
 
     The comparison is in float32, as the official code compares a float32 tensor with the Python bounds:
-    exactly at t = 0.4 with interval (0.4, 1) guidance is off (§10.6).
+    exactly at t = 0.4 with interval (0.4, 1) guidance is off (docs/quirks.md §10.6).
     """
     t, lo, hi = np.float32(t), np.float32(cfg_interval[0]), np.float32(cfg_interval[1])
     if lo < t <= hi:
@@ -47,7 +49,7 @@ def guidance_scales(t, cfg_interval, cfg_text_scale, cfg_img_scale) -> tuple[flo
 def guidance_branches(text_scale: float, img_scale: float) -> int:
     """How many velocity branches a step needs: 1 (cond), 2 (+ text-uncond) or 3 (+ image-uncond).
 
-    Image guidance is applied only when text guidance is (s_T > 1), §9.5.
+    Image guidance is applied only when text guidance is (s_T > 1), docs/quirks.md §9.5.
     """
     if text_scale <= 1.0:
         return 1
@@ -68,11 +70,11 @@ def _renorm(v_ref, v_guided, per_token: bool, renorm_min, rnd):
 
 
 def guide_velocity(v_c, v_text=None, v_img=None, *, text_scale, img_scale, renorm_type, renorm_min):
-    """Guided velocity of §5.3: text guidance, then image guidance, renormed against ‖v_c‖.
+    """Guided velocity of docs/inference.md §5.3: text guidance, then image guidance, renormed against ‖v_c‖.
 
     v_text None means s_T ≤ 1 (no guidance at all, even if s_I > 1); v_img None means s_I ≤ 1. Scales and
     renorm_min may be traced scalars; renorm_type is static. The result has v_c's dtype, every op rounded to
-    it as the official bf16 tensor ops are (§10.1).
+    it as the official bf16 tensor ops are (docs/quirks.md §10.1).
     """
     if renorm_type not in RENORM_TYPES:
         raise ValueError(f"renorm_type={renorm_type!r} not in {RENORM_TYPES}")
@@ -87,7 +89,7 @@ def guide_velocity(v_c, v_text=None, v_img=None, *, text_scale, img_scale, renor
 
     v_1 = mix(v_text, v_c, text_scale)
     if renorm_type == "text_channel":
-        # Renorm only the text-guided velocity, per token; image guidance is applied after (§5.3).
+        # Renorm only the text-guided velocity, per token; image guidance is applied after (docs/inference.md §5.3).
         v_1 = _renorm(v_c, v_1, True, renorm_min, rnd)
         v = v_1 if v_img is None else mix(v_img.astype(jnp.float32), v_1, img_scale)
     else:

@@ -1,10 +1,10 @@
-"""Image generation from prefilled contexts (§5.3 `generate_image`): the noisy-latent query against the
-conditional and the two unconditional KV caches, classifier-free guidance, the Euler sampler and VAE decoding.
+"""Image generation from prefilled contexts (docs/inference.md §5.3 `generate_image`): the noisy-latent query against
+the conditional and the two unconditional KV caches, classifier-free guidance, the Euler sampler and VAE decoding.
 
 The query is [<|vision_start|>] + h·w noisy latents + [<|vision_end|>] at each context's current rope id, full
-attention, markers on the und expert and latents on the gen expert; it never updates a cache (§5.1). One
-jitted call computes every branch's velocity and the guidance, so the Euler loop compiles once per image
-size and branch set (1, 2 or 3 contexts), not per step.
+attention, markers on the und expert and latents on the gen expert; it never updates a cache (docs/inference.md §5.1).
+One jitted call computes every branch's velocity and the guidance, so the Euler loop compiles once per image size and
+branch set (1, 2 or 3 contexts), not per step.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def guided_velocity(model, x, t, position_ids, caches, ropes, text_scale, img_sc
     """(guided velocity, raw velocities (branches, h·w, p·p·C)) at (x, t), from the first `branches` entries of
     stacked caches / ropes: cond, text-uncond, image-uncond.
 
-    Every branch sees the same query embeddings; only the cache and the rope id differ (§5.3 'Velocity'). The
-    branches run as one batched forward.
+    Every branch sees the same query embeddings; only the cache and the rope id differ (docs/inference.md §5.3
+    'Velocity'). The branches run as one batched forward.
     """
     embeds, kinds = image_token_embeds(model, x, t, position_ids)
     n = embeds.shape[0]
@@ -119,11 +119,11 @@ def _branch_contexts(model, contexts, branches_needed, cfg_text_scale, cfg_img_s
 def generate_image(model, contexts, image_shape, *, num_timesteps=50, timestep_shift=3.0, cfg_text_scale=4.0,
                    cfg_img_scale=1.5, cfg_interval=(0.4, 1.0), cfg_renorm_min=0.0, cfg_renorm_type="global",
                    seed: int = 0, init_noise=None, return_trace: bool = False):
-    """Sample latents (h·w, p·p·C) float32 for an (H, W) image by guided flow matching (§5.3).
+    """Sample latents (h·w, p·p·C) float32 for an (H, W) image by guided flow matching (docs/inference.md §5.3).
 
     contexts: (cond, text_uncond, img_uncond) Contexts; the unconditional ones may be None when their scale
     is ≤ 1. init_noise (h·w, p·p·C) overrides the noise drawn from `seed`. With return_trace, also returns a
-    list of FlowStep (one per Euler step). Defaults are the official `gen_image` ones (§5.5).
+    list of FlowStep (one per Euler step). Defaults are the official `gen_image` ones (docs/inference.md §5.5).
     """
     check_guidance(cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_min, cfg_renorm_type)
     timesteps = flow_timesteps(num_timesteps, timestep_shift)
@@ -155,8 +155,9 @@ def _decode(model, latent):
 
 
 def to_uint8(image):
-    """clamp(x·0.5 + 0.5, 0, 1)·255 rounded per op to the image's dtype, then a truncating uint8 cast (§5.3,
-    §9.11; a bf16 decoder output is rounded to bf16 before the cast, §10.2)."""
+    """clamp(x·0.5 + 0.5, 0, 1)·255 rounded per op to the image's dtype, then a truncating uint8 cast
+    (docs/inference.md §5.3, docs/quirks.md §9.11; a bf16 decoder output is rounded to bf16 before the cast,
+    docs/quirks.md §10.2)."""
     rnd = rounding_to(image.dtype)
     x = jnp.asarray(image).astype(jnp.float32)
     return rnd(jnp.clip(rnd(x * 0.5 + 0.5), 0.0, 1.0) * 255.0).astype(jnp.uint8)

@@ -1,5 +1,5 @@
-"""Latent image segments in the LLM sequence (§3.10, §5.1): [<|vision_start|>] + h·w latent tokens +
-[<|vision_end|>], markers on the und expert and latents on the gen expert, each latent embedded as
+"""Latent image segments in the LLM sequence (docs/model.md §3.10, docs/inference.md §5.1): [<|vision_start|>] + h·w
+latent tokens + [<|vision_end|>], markers on the und expert and latents on the gen expert, each latent embedded as
 vae2llm(x) + temb(t) + latent_pos_embed[pid]. Shared by clean conditioning images and the flow query."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def latent_grid(model, image_shape, *, what: str = "image_shape") -> tuple[int, 
 
 
 def latent_position_ids(model, grid_hw) -> np.ndarray:
-    """Flattened 2-D ids r·max_latent_size + c of an h×w latent grid (§3.6 'extrapolate')."""
+    """Flattened 2-D ids r·max_latent_size + c of an h×w latent grid (docs/model.md §3.6 'extrapolate')."""
     return flattened_position_ids(*grid_hw, model.cfg.max_latent_size)
 
 
@@ -50,7 +50,8 @@ def _segment_embeds(model, x_tokens, t, position_ids):
 
 
 def image_token_embeds(model, x_tokens, t, position_ids):
-    """(embeds, kinds) of [start] + latents + [end]; latents = vae2llm(x) + temb(t) + latent_pos_embed (§3.10)."""
+    """(embeds, kinds) of [start] + latents + [end]; latents = vae2llm(x) + temb(t) + latent_pos_embed
+    (docs/model.md §3.10)."""
     n = x_tokens.shape[0]
     embeds = _segment_embeds(model, x_tokens, jnp.asarray(t, jnp.float32), jnp.asarray(position_ids, jnp.int32))
     return embeds, np.concatenate([[TEXT], np.full(n, VAE), [TEXT]]).astype(np.int32)
@@ -64,8 +65,8 @@ def _encode(model, pixels, eps):
 def encode_image_tokens(model, pixels, *, eps=None, key=None):
     """VAE-encode one image (H, W, 3) in [-1, 1] to clean latent tokens (h·w, p·p·C) and its grid (h, w).
 
-    The posterior is *sampled* (z = mean + σ·eps), as the official inference does (§3.10, §9.1): pass the
-    posterior noise `eps` (1, H/f, W/f, z_channels) or a PRNG `key` to draw it.
+    The posterior is *sampled* (z = mean + σ·eps), as the official inference does (docs/model.md §3.10,
+    docs/quirks.md §9.1): pass the posterior noise `eps` (1, H/f, W/f, z_channels) or a PRNG `key` to draw it.
     """
     pixels = jnp.asarray(pixels)
     if pixels.ndim != 3 or pixels.shape[-1] != 3:
@@ -76,7 +77,7 @@ def encode_image_tokens(model, pixels, *, eps=None, key=None):
     if eps is None:
         if key is None:
             raise ValueError("encode_image_tokens: pass the posterior noise `eps` or a PRNG `key` (the VAE "
-                             "posterior is sampled, §9.1)")
+                             "posterior is sampled, docs/quirks.md §9.1)")
         eps = jax.random.normal(key, eps_shape, jnp.float32)
     elif tuple(np.shape(eps)) != eps_shape:
         raise ValueError(f"eps: expected shape {eps_shape} (NHWC), got {tuple(np.shape(eps))}")

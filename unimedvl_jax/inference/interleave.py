@@ -1,5 +1,6 @@
 """Interleaved inputs → the three generation contexts, as the official `InterleaveInferencer` builds them
-(§5.3 'Unconditional contexts', 'Think mode'), and the text→image / editing entry points on top of them.
+(docs/inference.md §5.3 'Unconditional contexts', 'Think mode'), and the text→image / editing entry points on top of
+them.
 
 Rules (inputs processed in order):
 - the conditional context gets everything;
@@ -26,7 +27,7 @@ from unimedvl_jax.inference.image_generation import GuidanceContexts, decode_lat
 from unimedvl_jax.inference.image_tokens import latent_downsample
 from unimedvl_jax.inference.kv_cache import bucket
 
-# §5.3 'Think mode' system prompts.
+# docs/inference.md §5.3 'Think mode' system prompts.
 VLM_THINK_SYSTEM_PROMPT = (
     "You should first think about the reasoning process in the mind and then provide the user with the answer.\n"
     "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> "
@@ -36,12 +37,14 @@ GEN_THINK_SYSTEM_PROMPT = (
     "The planning process is enclosed within <think> </think> tags; that is, <think> planning process here "
     "</think> image here.\n")
 
-# §5.5 defaults: `interleave_inference` for text→image, the UniMedVL image generator's editing demo for editing.
+# docs/inference.md §5.5 defaults: `interleave_inference` for text→image, the UniMedVL image generator's editing demo
+# for editing.
 T2I_DEFAULTS = dict(num_timesteps=50, timestep_shift=3.0, cfg_text_scale=3.0, cfg_img_scale=1.5,
                     cfg_interval=(0.4, 1.0), cfg_renorm_min=0.0, cfg_renorm_type="global")
 EDIT_DEFAULTS = dict(num_timesteps=50, timestep_shift=3.0, cfg_text_scale=4.0, cfg_img_scale=2.0,
                      cfg_interval=(0.0, 1.0), cfg_renorm_min=0.0, cfg_renorm_type="text_channel")
-# UniMedVL image generator transforms (§5.5): VAE (1024, 32, 16), ViT (980, 387, 14), max_pixels 1,806,336.
+# UniMedVL image generator transforms (docs/inference.md §5.5): VAE (1024, 32, 16), ViT (980, 387, 14), max_pixels
+# 1,806,336.
 GEN_VAE_TRANSFORM = ImageTransform(1024, 32, 16)
 GEN_VIT_TRANSFORM = ImageTransform(980, 387, 14)
 EDIT_UNDERSTAND_MAX_TOKENS = 800
@@ -72,7 +75,8 @@ class GeneratedImage:
 
 
 def prepare_image(model, image, vae_transform: ImageTransform, vit_transform: ImageTransform) -> PreparedImage:
-    """Resize with the VAE rule, then take the VAE pixels and the ViT patches of that resized image (§5.3)."""
+    """Resize with the VAE rule, then take the VAE pixels and the ViT patches of that resized image
+    (docs/inference.md §5.3)."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
@@ -105,8 +109,9 @@ def build_contexts(model, tokenizer, inputs: Sequence, *, generation: bool = Tru
                    extra_tokens: int = 0):
     """(GuidanceContexts, image shape of the last input image or None) for interleaved str / image inputs.
 
-    key: PRNG key for the VAE posterior draws (§9.1), or vae_eps: one recorded posterior noise per image.
-    think: add the think system prompt first (§5.3). extra_tokens: room to leave for later text (think).
+    key: PRNG key for the VAE posterior draws (docs/quirks.md §9.1), or vae_eps: one recorded posterior noise per image.
+    think: add the think system prompt first (docs/inference.md §5.3). extra_tokens: room to leave for later text
+    (think).
     """
     images = [x for x in inputs if not isinstance(x, str)]
     if vae_eps is not None and len(vae_eps) != len(images):
@@ -114,7 +119,7 @@ def build_contexts(model, tokenizer, inputs: Sequence, *, generation: bool = Tru
                          f"{len(vae_eps)}")
     if generation and vae_eps is None and images and key is None:
         raise ValueError("build_contexts: input images need a PRNG `key` or `vae_eps` (the VAE posterior is "
-                         "sampled, §9.1)")
+                         "sampled, docs/quirks.md §9.1)")
     items = [tokenizer.encode(x) if isinstance(x, str) else prepare_image(model, x, vae_transform, vit_transform)
              for x in inputs]
     system_ids = None
@@ -146,7 +151,8 @@ def build_contexts(model, tokenizer, inputs: Sequence, *, generation: bool = Tru
 
 
 def generate_text_reply(ctx: Context, tokenizer, max_length: int) -> str:
-    """Greedy §5.2 reply of a context, decoded (the start token dropped; <|im_end|> is never returned)."""
+    """Greedy reply of a context (docs/inference.md §5.2), decoded (the start token dropped; <|im_end|> is never
+    returned)."""
     ids, _ = ctx.generate_text(max_length)
     return tokenizer.decode(ids[1:])
 
@@ -158,12 +164,13 @@ def _sample(model, contexts, image_shape, *, seed, init_noise, sampler_kwargs, t
 
 def text_to_image(model, tokenizer, prompt: str, *, image_shape=(1024, 1024), seed: int = 0, init_noise=None,
                   think: bool = False, max_think_tokens: int = THINK_MAX_TOKENS, **sampler_kwargs) -> GeneratedImage:
-    """Generate an (H, W) image for a prompt; sampler settings default to `interleave_inference`'s (§5.5).
+    """Generate an (H, W) image for a prompt; sampler settings default to `interleave_inference`'s
+    (docs/inference.md §5.5).
 
-    Contexts: cond = [prompt], text-uncond = empty, image-uncond = [prompt] (§5.3). With think, the think system
-    prompt leads the cond and image-uncond contexts and a greedy plan (≤ max_think_tokens) is generated and
-    added to the cond context only before sampling (§5.3 'Think mode'; UNVERIFIED that UniMedVL was trained
-    with think data).
+    Contexts: cond = [prompt], text-uncond = empty, image-uncond = [prompt] (docs/inference.md §5.3). With think, the
+    think system prompt leads the cond and image-uncond contexts and a greedy plan (≤ max_think_tokens) is generated and
+    added to the cond context only before sampling (docs/inference.md §5.3 'Think mode'; UNVERIFIED that UniMedVL was
+    trained with think data).
     """
     extra = 2 * (max_think_tokens + 2) if think else 0
     contexts, _ = build_contexts(model, tokenizer, [prompt], think=think, extra_tokens=extra)
@@ -179,17 +186,17 @@ def edit_image(model, tokenizer, image, instruction: str, *, image_shape=None, s
                vae_eps=None, understand_first: bool = False, understand_max_tokens: int = EDIT_UNDERSTAND_MAX_TOKENS,
                vae_transform: ImageTransform = GEN_VAE_TRANSFORM, vit_transform: ImageTransform = GEN_VIT_TRANSFORM,
                **sampler_kwargs) -> GeneratedImage:
-    """Edit / translate an image by an instruction; defaults follow the UniMedVL editing demo (§5.5).
+    """Edit / translate an image by an instruction; defaults follow the UniMedVL editing demo (docs/inference.md §5.5).
 
     Contexts for [image, instruction]: cond = image (VAE + ViT) + instruction, text-uncond = image only,
-    image-uncond = instruction only (§5.3). The output (H, W) defaults to the input's aspect-preserving
-    VAE-rule size, as in the official code.
+    image-uncond = instruction only (docs/inference.md §5.3). The output (H, W) defaults to the input's
+    aspect-preserving VAE-rule size, as in the official code.
     Randomness: `seed` gives the VAE posterior draw and the initial noise unless `vae_eps` (one per image,
     (1, H/f, W/f, C)) or `init_noise` are given.
     understand_first: the UniMedVL generator's pre-pass — a greedy reply (≤ understand_max_tokens) to
     [image (ViT only), instruction] is appended to the instruction as instruction + "\\n\\n" + reply before
-    editing (§5.5). Off by default; that the pre-pass uses the understanding-mode context (ViT only, no system
-    prompt) is our reading (UNVERIFIED).
+    editing (docs/inference.md §5.5). Off by default; that the pre-pass uses the understanding-mode context (ViT only,
+    no system prompt) is our reading (UNVERIFIED).
     """
     key = jax.random.key(seed)
     text = None

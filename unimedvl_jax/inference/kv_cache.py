@@ -1,11 +1,11 @@
-"""Static-shape KV cache and context updates (§5.1).
+"""Static-shape KV cache and context updates (docs/inference.md §5.1).
 
 A context holds, per layer, K and V of every cached token *after* k-norm and RoPE, plus the tokens' attention
-metadata (sample / split / mode / index) so new tokens attend under the same §4.3 rules as in training. Appending
-a chunk of n tokens runs the LLM on the chunk against the cache and writes the chunk's K/V after the cached ones.
-Causality is bottom-right aligned as in flash-attn (§9.10): new token i sees the whole cache and new tokens ≤ i.
-Shapes are static: the cache has `max_len` slots, chunks are padded to a bucket, so prefill compiles once per
-bucket and decoding compiles once.
+metadata (sample / split / mode / index) so new tokens attend under the same docs/packed_sequence.md §4.3 rules as in
+training. Appending a chunk of n tokens runs the LLM on the chunk against the cache and writes the chunk's K/V after the
+cached ones. Causality is bottom-right aligned as in flash-attn (docs/quirks.md §9.10): new token i sees the whole cache
+and new tokens ≤ i. Shapes are static: the cache has `max_len` slots, chunks are padded to a bucket, so prefill compiles
+once per bucket and decoding compiles once.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def append_chunk(model, cache: KVCache, embeds, kinds, positions, mode, n_valid,
 
     kinds: token kinds (TEXT/VIT markers use the und expert, VAE latents the gen expert); positions: rope ids;
     mode: split mode of the chunk (one split). Returns (new cache, hidden states of the chunk after the final
-    norms). With advance_cache=False the cache is returned unchanged (the `generate image` query, §5.1).
+    norms). With advance_cache=False the cache is returned unchanged (the `generate image` query,
+    docs/inference.md §5.1).
     """
     lm = model.language_model
     n = embeds.shape[0]
@@ -72,7 +73,7 @@ def append_chunk(model, cache: KVCache, embeds, kinds, positions, mode, n_valid,
                      (cache.length + jnp.arange(n)).astype(jnp.int32))
     und = jnp.nonzero(real & (kinds != VAE), size=n, fill_value=n)[0].astype(jnp.int32)
     gen = jnp.nonzero(real & (kinds == VAE), size=n, fill_value=n)[0].astype(jnp.int32)
-    hidden, _, kvs = lm.forward(embeds, positions, meta, [und, gen], backend=model.cfg.attention_backend,
+    hidden, _, kvs = lm(embeds, positions, meta, [und, gen], backend=model.cfg.attention_backend,
                                 block_size=model.cfg.attention_block_size,
                                 past=(cache.keys, cache.values, cache.meta))
     if not advance_cache:

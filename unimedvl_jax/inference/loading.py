@@ -3,11 +3,12 @@ official-layout directory, together with its tokenizer and the image transforms 
 
 Resolution of `checkpoint` (first match wins):
   * official layout  (<dir>/llm_config.json): imported with interop/checkpoint_import.py; tokenizer files in <dir>;
-                     transforms = the UniMedVL image generator's (§5.5).
+                     transforms = the UniMedVL image generator's (docs/inference.md §5.5).
   * training workdir (<dir>/final/config.json): the final params checkpoint; tokenizer <dir>/tokenizer; transforms
                      and the generation size from <dir>/config.json (the run's data section).
   * params checkpoint (<dir>/config.json + params/ or ema/): as above with the parent directory as the workdir
-                     (so `<workdir>/final` works too); without a run config the §5.5 transforms are used.
+                     (so `<workdir>/final` works too); without a run config the docs/inference.md §5.5 transforms
+                     are used.
 `tokenizer` overrides the tokenizer location in every case.
 """
 

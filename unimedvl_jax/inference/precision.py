@@ -1,4 +1,4 @@
-"""Per-operation rounding for low-precision sampling arithmetic (§10.1, §10.2).
+"""Per-operation rounding for low-precision sampling arithmetic (docs/quirks.md §10.1, docs/quirks.md §10.2).
 
 The official bf16 inference rounds the result of every tensor op to bf16. Under jit, XLA may fuse bf16 ops and
 keep float32 intermediates (excess precision), so the arithmetic is done in float32 with an explicit rounding

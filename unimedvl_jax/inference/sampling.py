@@ -1,7 +1,8 @@
 """The next-token rule shared by every text decoder: greedy, temperature, and top-p (nucleus) sampling.
 
-§5.2 has only greedy and softmax(logits / temperature) sampling; top-p is an addition. With top_p = 1 (the
-default) the rule is exactly §5.2's. Temperature and top_p are traced values, so changing them never recompiles.
+docs/inference.md §5.2 has only greedy and softmax(logits / temperature) sampling; top-p is an addition. With top_p = 1
+(the default) the rule is exactly the one of docs/inference.md §5.2. Temperature and top_p are traced values, so
+changing them never recompiles.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Batched text generation from prompts of text and ViT-image segments (§5.2), e.g. many VQA questions at once.
+"""Batched text generation from prompts of text and ViT-image segments (docs/inference.md §5.2), e.g. many VQA questions
+at once.
 
-Each prompt is prefilled into its own context (§5.1: text via add_text, images via add_vit_image, in order),
-then all rows decode together (decoding.decode). Prompts may differ in length and in their images' sizes.
+Each prompt is prefilled into its own context (docs/inference.md §5.1: text via add_text, images via add_vit_image, in
+order), then all rows decode together (decoding.decode). Prompts may differ in length and in their images' sizes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from unimedvl_jax.inference.kv_cache import bucket
 
 @dataclasses.dataclass(frozen=True)
 class TextSegment:
-    """Token ids of one text segment; the cache holds <|im_start|> + ids + <|im_end|> (§4.1)."""
+    """Token ids of one text segment; the cache holds <|im_start|> + ids + <|im_end|> (docs/packed_sequence.md §4.1)."""
 
     ids: Sequence[int]
 
@@ -76,6 +77,7 @@ def generate(model, prompts: Sequence[Sequence[Segment]], max_new_tokens: int, *
     elif max_len < needed:
         raise ValueError(f"max_len={max_len} is smaller than the {needed} slots the longest prompt needs")
     contexts = [prefill(model, p, max_len) for p in prompts]
-    # §5.2 counts the start token as step 1, so max_new_tokens new tokens take max_new_tokens + 1 steps.
+    # docs/inference.md §5.2 counts the start token as step 1, so max_new_tokens new tokens take max_new_tokens + 1
+    # steps.
     out = decode(contexts, max_new_tokens + 1, temperature=temperature, top_p=top_p, seed=seed)
     return [ids[1:] for ids in out.ids]

@@ -1,1 +1,1 @@
-"""Interop with the official PyTorch UniMedVL/BAGEL checkpoint layout (spec §2)."""
+"""Interop with the official PyTorch UniMedVL/BAGEL checkpoint layout (docs/model.md §2)."""

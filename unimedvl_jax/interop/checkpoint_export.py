@@ -1,10 +1,10 @@
-"""Export params to the official UniMedVL/BAGEL directory layout (§2.1–2.4), one tensor at a time.
+"""Export params to the official UniMedVL/BAGEL directory layout (docs/model.md §2.1–2.4), one tensor at a time.
 
-Output: ema.safetensors (exactly the §2.1 key set for the config), ae.safetensors (§2.2 names), llm_config.json
-and vit_config.json with the fields the official loaders read (the loader overrides written out too),
-bagel_config.json (Bagel-level fields + VAE params, read back by our import; ignored by the official code) and
-tokenizer files when given. Everything is written to a temporary sibling directory that is renamed into place
-only when complete, so a failed export leaves nothing behind.
+Output: ema.safetensors (exactly the docs/model.md §2.1 key set for the config), ae.safetensors (docs/model.md §2.2
+names), llm_config.json and vit_config.json with the fields the official loaders read (the loader overrides written out
+too), bagel_config.json (Bagel-level fields + VAE params, read back by our import; ignored by the official code) and
+tokenizer files when given. Everything is written to a temporary sibling directory that is renamed into place only when
+complete, so a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from unimedvl_jax.interop.name_map import AE_FILE, EMA_FILE, TO_OFFICIAL, build_
 from unimedvl_jax.interop.official_config import VAE_PARAM_KEYS, VIT_LAYERS_DROPPED
 from unimedvl_jax.interop.safetensors_io import write_streaming
 from unimedvl_jax.models.bridges import PositionTable
+from jax.experimental import multihost_utils
 
 EXPORT_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
@@ -53,7 +54,7 @@ def official_config_files(cfg, dtype: str = "bfloat16") -> dict[str, dict]:
         "sliding_window": llm.max_position_embeddings, "max_window_layers": llm.num_layers,
         "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
         "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "torch_dtype": dtype,
-        # The loader overrides of §1.1, written out so the file is self-describing.
+        # The loader overrides of docs/model.md §1.1, written out so the file is self-describing.
         "qk_norm": llm.qk_norm, "tie_word_embeddings": False,
         "layer_module": {"dense": "Qwen2DecoderLayer", "moe": "Qwen2MoEDecoderLayer",
                          "mot": "Qwen2MoTDecoderLayer"}[llm.layer_module],
@@ -61,7 +62,7 @@ def official_config_files(cfg, dtype: str = "bfloat16") -> dict[str, dict]:
     vit_json = {
         "model_type": "siglip_vision_model", "hidden_size": vit.hidden_size,
         "intermediate_size": vit.intermediate_size, "num_attention_heads": vit.num_heads,
-        # Official loaders instantiate num_hidden_layers - 1 layers (§1.2, §9.15).
+        # Official loaders instantiate num_hidden_layers - 1 layers (docs/model.md §1.2, docs/quirks.md §9.15).
         "num_hidden_layers": vit.num_layers + VIT_LAYERS_DROPPED, "num_channels": vit.num_channels,
         "patch_size": vit.patch_size, "image_size": vit.image_size, "hidden_act": "gelu_pytorch_tanh",
         "layer_norm_eps": vit.layer_norm_eps, "attention_dropout": 0.0, "rope": False,
@@ -80,7 +81,6 @@ def official_config_files(cfg, dtype: str = "bfloat16") -> dict[str, dict]:
 def host_array(x) -> np.ndarray:
     """One tensor on the host: gathered across processes when it is sharded over several hosts."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))
 

@@ -20,8 +20,9 @@ from unimedvl_jax.interop.official_config import model_config_from_official
 from unimedvl_jax.interop.safetensors_io import SafetensorsReader
 from unimedvl_jax.models.layers import dtype_of
 
-# Keys the released snapshot may carry beyond the 1223 of §2.1: UniMedVL's optional `vae_model.*` copy of the
-# autoencoder inside ema.safetensors (§2.1 UNVERIFIED, §9.14). Skipped only with allow_optional_extras=True.
+# Keys the released snapshot may carry beyond the 1223 of docs/model.md §2.1: UniMedVL's optional `vae_model.*` copy of
+# the autoencoder inside ema.safetensors (docs/model.md §2.1 UNVERIFIED, docs/quirks.md §9.14). Skipped only with
+# allow_optional_extras=True.
 OPTIONAL_EXTRA_PREFIXES = {EMA_FILE: ("vae_model.",)}
 
 

@@ -7,7 +7,7 @@ mirror the official module names; the table only needs the few rules below:
   * leaf renames (`kernel` -> `weight`) and module renames (time_embedder.fc_in -> time_embedder.mlp.0, ...)
   * a layout transform: Dense kernels (in, out) <-> torch Linear (out, in); conv kernels HWIO <-> OIHW.
     The ViT patch embedding is already a Linear over (row, col, channel) patches in the official layout
-    (§3.5, conv-as-linear), so it is a plain transpose.
+    (docs/model.md §3.5, conv-as-linear), so it is a plain transpose.
 """
 
 from __future__ import annotations

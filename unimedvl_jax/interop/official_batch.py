@@ -1,4 +1,5 @@
-"""Adapter from the official packed training inputs (BAGEL `pack_sequence` output, §4.4) to our PackedBatch.
+"""Adapter from the official packed training inputs (BAGEL `pack_sequence` output, docs/packed_sequence.md §4.4) to our
+PackedBatch.
 
 Official tensors are lists of indexes into one packed sequence; ours are static-shape per-token arrays.
 The adapter is exact: it derives token kinds from the index lists, sample/split ids and modes from
@@ -47,9 +48,10 @@ def official_to_packed_batch(t: dict, attn_modes: list[str], *, vit_patch_dim: i
     # ViT patches, one image per vit_token_seqlens entry.
     seqlens = _i(t.get("vit_token_seqlens", []))
     vit_image_id = np.repeat(np.arange(len(seqlens)), seqlens).astype(np.int32)
-    vit_patches = np.asarray(t["packed_vit_tokens"], np.float32) if len(vit_idx) else np.zeros((0, vit_patch_dim), np.float32)
+    vit_patches = (np.asarray(t["packed_vit_tokens"], np.float32) if len(vit_idx)
+                   else np.zeros((0, vit_patch_dim), np.float32))
 
-    # VAE latent tokens in image order, raster order inside each image (§3.10).
+    # VAE latent tokens in image order, raster order inside each image (docs/model.md §3.10).
     shapes = np.asarray(t.get("patchified_vae_latent_shapes", np.zeros((0, 2))), np.int64).reshape(-1, 2)
     img, row, col = [], [], []
     for n, (h, w) in enumerate(shapes):

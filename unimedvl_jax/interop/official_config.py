@@ -1,7 +1,7 @@
 """Read/write the official llm_config.json / vit_config.json (+ our fixture/VAE params) as a model config.
 
-The loader overrides of §1.1 / §1.2 are applied on read: qk_norm=True, untied lm_head, MoT layers, ViT rope off
-and `num_hidden_layers - 1` ViT layers (§9.15).
+The loader overrides of docs/model.md §1.1 / docs/model.md §1.2 are applied on read: qk_norm=True, untied lm_head, MoT
+layers, ViT rope off and `num_hidden_layers - 1` ViT layers (docs/quirks.md §9.15).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def model_config_from_official(ckpt_dir, *, base: ml_collections.ConfigDict | No
     """Model config for an official directory; fields the JSON files lack come from `base` (default released).
 
     `fixture_config.json` (the tiny test checkpoint) and `bagel_config.json` (our exports) add the Bagel-level
-    fields and VAE params; the released snapshot has neither and uses the released values (§1.3, §1.4).
+    fields and VAE params; the released snapshot has neither and uses the released values (docs/model.md §1.3,
+    docs/model.md §1.4).
     """
     cfg = ml_collections.ConfigDict(base.to_dict()) if base is not None else C.model_config()
     llm = _read_json(os.path.join(ckpt_dir, "llm_config.json"))

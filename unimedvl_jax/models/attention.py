@@ -1,4 +1,5 @@
-"""Packed attention over the UniMedVL mask (§4.3), with a dense and a memory-bounded chunked backend.
+"""Packed attention over the UniMedVL mask (docs/packed_sequence.md §4.3), with a dense and a memory-bounded chunked
+backend.
 
 The mask is never stored: it is recomputed from per-token metadata (sample id, split id, split mode, index),
 so the chunked backend only ever holds one (block × block) tile of scores per head.
@@ -40,7 +41,8 @@ def segment_meta(segment_ids) -> TokenMeta:
 
 
 def allowed(q: TokenMeta, k: TokenMeta):
-    """Boolean (Tq, Tk) mask of §4.3: same sample AND (k<=q OR same full/noise split) AND NOT foreign noise."""
+    """Boolean (Tq, Tk) mask of docs/packed_sequence.md §4.3: same sample AND (k<=q OR same full/noise split) AND NOT
+    foreign noise."""
     same_sample = q.sample[:, None] == k.sample[None, :]
     same_split = q.split[:, None] == k.split[None, :]
     causal = k.index[None, :] <= q.index[:, None]
@@ -50,7 +52,7 @@ def allowed(q: TokenMeta, k: TokenMeta):
 
 
 def _group_queries(q, num_kv_heads):
-    """(T, Hq, D) -> (T, Hkv, G, D): query head h uses KV head h // G (§3.3)."""
+    """(T, Hq, D) -> (T, Hkv, G, D): query head h uses KV head h // G (docs/model.md §3.3)."""
     t, hq, d = q.shape
     return q.reshape(t, num_kv_heads, hq // num_kv_heads, d)
 
@@ -116,7 +118,8 @@ def _chunked(q, k, v, q_meta, k_meta, scale, block_size):
 
 def packed_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, backend: str = "dense",
                      block_size: int = 128, scale: float | None = None):
-    """Softmax attention of q (Tq, Hq, D) over k, v (Tk, Hkv, D) under the §4.3 mask; GQA by head grouping."""
+    """Softmax attention of q (Tq, Hq, D) over k, v (Tk, Hkv, D) under the docs/packed_sequence.md §4.3 mask; GQA by
+    head grouping."""
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} not a multiple of KV heads {k.shape[1]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale

@@ -1,5 +1,6 @@
-"""Modules bridging the ViT, the VAE latents and the LLM (§3.6–3.10): fixed 2-D sin-cos tables, the timestep
-embedder and the gather of latent tokens (the grid helpers they share with data and inference are in patches.py)."""
+"""Modules bridging the ViT, the VAE latents and the LLM (docs/model.md §3.6–3.10): fixed 2-D sin-cos tables, the
+timestep embedder and the gather of latent tokens (the grid helpers they share with data and inference are in
+patches.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from unimedvl_jax.models.layers import Linear, annotated_param, table_init
 
 
 class PositionTable(nnx.Variable):
-    """A fixed (non-trainable) table that is still saved in checkpoints (§2.1 'frozen pos tables')."""
+    """A fixed (non-trainable) table that is still saved in checkpoints (docs/model.md §2.1 'frozen pos tables')."""
 
 
 def sincos_2d_table(side: int, dim: int) -> np.ndarray:
-    """(side², dim) table, row r*side+c = [sin(c·ω), cos(c·ω), sin(r·ω), cos(r·ω)], ω in float64 (§3.7)."""
+    """(side², dim) table, row r*side+c = [sin(c·ω), cos(c·ω), sin(r·ω), cos(r·ω)], ω in float64
+    (docs/model.md §3.7)."""
     if dim % 4:
         raise ValueError(f"sin-cos table width {dim} must be divisible by 4")
     quarter = dim // 4
@@ -43,7 +45,7 @@ class PositionEmbedding(nnx.Module):
 
 
 def timestep_features(t, dim: int = 256):
-    """DiT frequency features of raw t ∈ [0, 1] (not ×1000), cosine first (§3.9)."""
+    """DiT frequency features of raw t ∈ [0, 1] (not ×1000), cosine first (docs/model.md §3.9)."""
     half = dim // 2
     freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
@@ -64,7 +66,7 @@ class TimestepEmbedder(nnx.Module):
 
 
 def patchify_latent_tokens(latents, image, row, col, patch: int):
-    """Gather latent tokens (V, p·p·C) in (py, px, c) order from latents (N, Hl, Wl, C) (§3.10)."""
+    """Gather latent tokens (V, p·p·C) in (py, px, c) order from latents (N, Hl, Wl, C) (docs/model.md §3.10)."""
     offsets = jnp.arange(patch)
     rows = patch * row[:, None] + offsets[None, :]
     cols = patch * col[:, None] + offsets[None, :]
@@ -73,5 +75,5 @@ def patchify_latent_tokens(latents, image, row, col, patch: int):
 
 
 def shift_timestep(t, shift: float):
-    """t ← s·t / (1 + (s−1)·t) (§3.11 step 3, §5.3)."""
+    """t ← s·t / (1 + (s−1)·t) (docs/model.md §3.11 step 3, docs/inference.md §5.3)."""
     return shift * t / (1.0 + (shift - 1.0) * t)

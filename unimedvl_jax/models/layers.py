@@ -1,4 +1,5 @@
-"""Shared building blocks: annotated Linear, RMSNorm, LayerNorm, RoPE, SwiGLU and GELU MLPs (spec §3.1, §3.2)."""
+"""Shared building blocks: annotated Linear, RMSNorm, LayerNorm, RoPE, SwiGLU and GELU MLPs (docs/model.md §3.1,
+docs/model.md §3.2)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-Dtype = jnp.dtype
 
 
 def dtype_of(name: str | None):
@@ -150,7 +149,7 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """Qwen2 RMSNorm (§3.1): stats in fp32, cast back to input dtype before multiplying by the weight."""
+    """Qwen2 RMSNorm (docs/model.md §3.1): stats in fp32, cast back to input dtype before multiplying by the weight."""
 
     def __init__(self, dim, *, eps, axis_name="norm", param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         self.weight = annotated_param(None, constant_init(1.0), (dim,), (axis_name,), param_dtype)
@@ -186,7 +185,7 @@ def gelu_tanh(x):
 
 
 def rope_cos_sin(position_ids, head_dim, theta, dtype):
-    """1-D RoPE tables (§3.2): emb = [p*inv_freq, p*inv_freq], computed in fp32 then cast to `dtype`."""
+    """1-D RoPE tables (docs/model.md §3.2): emb = [p*inv_freq, p*inv_freq], computed in fp32 then cast to `dtype`."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs = position_ids.astype(jnp.float32)[:, None] * inv_freq[None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
@@ -214,7 +213,7 @@ class SwiGLU(nnx.Module):
 
 
 class GeluMLP(nnx.Module):
-    """fc2(gelu_tanh(fc1(x))) with biases: SigLIP MLP (§3.5) and the connector (§3.8)."""
+    """fc2(gelu_tanh(fc1(x))) with biases: SigLIP MLP (docs/model.md §3.5) and the connector (docs/model.md §3.8)."""
 
     def __init__(self, d_in, d_hidden, d_out, *, axes_in, axes_hidden, axes_out, dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):

@@ -1,4 +1,5 @@
-"""Qwen2 language model with dense, MoE and Mixture-of-Transformers decoder layers (§1.1, §1.5, §3.1–3.4).
+"""Qwen2 language model with dense, MoE and Mixture-of-Transformers decoder layers (docs/model.md §1.1,
+docs/model.md §1.5, docs/model.md §3.1–3.4).
 
 Attribute names follow the official state dict (`self_attn.q_proj_moe_gen`, `mlp_moe_gen`, ...), so that the
 interop name map is derived from module paths. `expert_indexes` is a list of token-index buffers, one per
@@ -29,7 +30,8 @@ def _experts(module, base, num_experts):
 
 
 class PackedAttention(nnx.Module):
-    """GQA self-attention with q/k/v bias, optional per-head QK RMSNorm, RoPE after the norm (§3.2, §3.3)."""
+    """GQA self-attention with q/k/v bias, optional per-head QK RMSNorm, RoPE after the norm (docs/model.md §3.2,
+    docs/model.md §3.3)."""
 
     def __init__(self, cfg, num_experts: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         h, d = cfg.hidden_size, cfg.hidden_size // cfg.num_heads
@@ -66,8 +68,8 @@ class PackedAttention(nnx.Module):
                  past=None):
         """Joint attention over all tokens; each token's projections come from its own expert.
 
-        past: optional (keys, values, meta) of cached tokens (post k-norm and RoPE, §5.1) that the new tokens also
-        attend to. Returns (per-expert outputs, (k, v) of the new tokens).
+        past: optional (keys, values, meta) of cached tokens (post k-norm and RoPE, docs/inference.md §5.1) that the new
+        tokens also attend to. Returns (per-expert outputs, (k, v) of the new tokens).
         """
         length = meta.length
         qkv = [self.project_qkv(e, xe) for e, xe in enumerate(x_normed_per_expert)]
@@ -89,7 +91,8 @@ class PackedAttention(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """Qwen2DecoderLayer / Qwen2MoEDecoderLayer / Qwen2MoTDecoderLayer, selected by `layer_module` (§1.5)."""
+    """Qwen2DecoderLayer / Qwen2MoEDecoderLayer / Qwen2MoTDecoderLayer, selected by `layer_module`
+    (docs/model.md §1.5)."""
 
     def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.attn_experts = 2 if cfg.layer_module == "mot" else 1
@@ -104,7 +107,7 @@ class DecoderLayer(nnx.Module):
                                             param_dtype=param_dtype))
 
     def __call__(self, x, expert_indexes, cos, sin, meta, *, backend, block_size, past=None):
-        """One residual block: h = x + attn(norm1(x)); out = h + mlp(norm2(h)), per token's expert (§3.4).
+        """One residual block: h = x + attn(norm1(x)); out = h + mlp(norm2(h)), per token's expert (docs/model.md §3.4).
 
         Returns (out, (k, v) of these tokens); `past` = cached (keys, values, meta) they also attend to.
         """
@@ -145,7 +148,7 @@ class Qwen2Model(nnx.Module):
 
 
 class Qwen2ForCausalLM(nnx.Module):
-    """The packed Qwen2 LLM with untied `lm_head` (§1.1)."""
+    """The packed Qwen2 LLM with untied `lm_head` (docs/model.md §1.1)."""
 
     def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.dtype = dtype_of(dtype) or jnp.float32
@@ -160,19 +163,10 @@ class Qwen2ForCausalLM(nnx.Module):
         """Token embeddings in the compute dtype."""
         return self.model.embed_tokens(ids, self.dtype)
 
-    def __call__(self, embeds, position_ids, meta: TokenMeta, expert_indexes, *, backend="dense",
-                 block_size=512, remat=False, return_layer_outputs=False):
-        """Run every decoder layer and the final norms on packed embeddings (T, H).
-
-        Returns (hidden after final norms, list of per-layer residual outputs or None).
-        """
-        hidden, layer_outputs, _ = self.forward(embeds, position_ids, meta, expert_indexes, backend=backend,
-                                                block_size=block_size, remat=remat)
-        return hidden, (layer_outputs if return_layer_outputs else None)
-
-    def forward(self, embeds, position_ids, meta: TokenMeta, expert_indexes, *, backend="dense", block_size=512,
-                remat=False, past=None):
-        """Layers + final norms; past = per-layer cached (keys, values) plus their TokenMeta, or None.
+    def __call__(self, embeds, position_ids, meta: TokenMeta, expert_indexes, *, backend="dense", block_size=512,
+                 remat=False, past=None):
+        """Every decoder layer and the final norms on packed embeddings (T, H); past = per-layer cached
+        (keys, values) plus their TokenMeta, or None.
 
         Returns (hidden, per-layer residual outputs, per-layer (k, v) of the new tokens, post k-norm + RoPE).
         """

@@ -1,5 +1,5 @@
-"""Mixture-of-Transformers routing (§1.5): gather each expert's tokens into a static-capacity buffer, run that
-expert only, scatter the results back. Padding slots hold the index T (one past the end) and are dropped."""
+"""Mixture-of-Transformers routing (docs/model.md §1.5): gather each expert's tokens into a static-capacity buffer, run
+that expert only, scatter the results back. Padding slots hold the index T (one past the end) and are dropped."""
 
 from __future__ import annotations
 

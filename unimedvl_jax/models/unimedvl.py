@@ -1,5 +1,5 @@
 """Top-level UniMedVL (BAGEL MoT): sequence assembly from a PackedBatch, the LLM, CE and flow-matching MSE
-exactly as §3.11 and §4.4–4.6 define them."""
+exactly as docs/model.md §3.11 and docs/packed_sequence.md §4.4–4.6 define them."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ class ForwardOutput:
 
 
 class UniMedVL(nnx.Module):
-    """Bagel(language_model, vit_model, config) with the UniMedVL `vae_model` submodule (§1, §2.1)."""
+    """Bagel(language_model, vit_model, config) with the UniMedVL `vae_model` submodule (docs/model.md §1,
+    docs/model.md §2.1)."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         validate_model_config(cfg)
@@ -58,18 +59,19 @@ class UniMedVL(nnx.Module):
         self.time_embedder = TimestepEmbedder(hidden, **kw)
         self.patch_latent_dim = cfg.latent_patch_size ** 2 * cfg.vae.z_channels
         self.vae2llm = Linear(self.patch_latent_dim, hidden, axes=("latent", "embed"), **kw)
-        # llm2vae is zero-initialised when training from scratch (§3.11).
+        # llm2vae is zero-initialised when training from scratch (docs/model.md §3.11).
         self.llm2vae = Linear(hidden, self.patch_latent_dim, axes=("embed", "latent"),
                               kernel_init=constant_init(0.0), bias_init=constant_init(0.0), **kw)
         self.vae_model = AutoEncoder(cfg.vae, **kw)
 
-    # --- sequence assembly (§4.4) -------------------------------------------------------------------
+    # --- sequence assembly (docs/packed_sequence.md §4.4) -------------------------------------------------------------
     def embed_vit(self, batch: PackedBatch):
         """ViT features, connector output and LLM embeddings (connector + sin-cos table) of every patch."""
         return self.vit_embeddings(batch.vit_patches, batch.vit_position_ids, batch.vit_image_id)
 
     def vit_embeddings(self, patches, position_ids, image_ids):
-        """(ViT features, connector output, connector + vit_pos_embed[pid]) of packed patches (§3.5, §3.8)."""
+        """(ViT features, connector output, connector + vit_pos_embed[pid]) of packed patches (docs/model.md §3.5,
+        docs/model.md §3.8)."""
         c = self.cfg
         if patches.shape[0] == 0:  # no ViT image in this pack (static shape)
             empty = jnp.zeros((0, c.llm.hidden_size), self.dtype)
@@ -80,7 +82,8 @@ class UniMedVL(nnx.Module):
         return feats, conn, conn + self.vit_pos_embed(position_ids, conn.dtype)
 
     def embed_latents(self, batch: PackedBatch, latents, flow_noise):
-        """x₀, t, x_t and the LLM embedding vae2llm(x_t) + temb(t) + latent_pos (§3.10, §3.11)."""
+        """x₀, t, x_t and the LLM embedding vae2llm(x_t) + temb(t) + latent_pos (docs/model.md §3.10,
+        docs/model.md §3.11)."""
         x0 = patchify_latent_tokens(jnp.asarray(latents, jnp.float32), batch.vae_token_image, batch.vae_token_row,
                                     batch.vae_token_col, self.cfg.latent_patch_size)
         t = shift_timestep(jax.nn.sigmoid(batch.vae_timestep.astype(jnp.float32)), self.cfg.timestep_shift)
@@ -89,7 +92,8 @@ class UniMedVL(nnx.Module):
         return x0, t, x_t, temb, embeds
 
     def latent_token_embeds(self, x_t, t, position_ids):
-        """(vae2llm(x_t) + temb(t) + latent_pos_embed[pid], temb) of latent tokens at flow times t (§3.10).
+        """(vae2llm(x_t) + temb(t) + latent_pos_embed[pid], temb) of latent tokens at flow times t
+        (docs/model.md §3.10).
 
         The one embedding of latent tokens: training (per-token t), clean conditioning images (t = 0) and the
         sampler's flow query (one t for the image) all go through it."""
@@ -110,19 +114,18 @@ class UniMedVL(nnx.Module):
 
         meta = TokenMeta(batch.sample_id, batch.split_id, batch.split_mode,
                          jnp.arange(length, dtype=jnp.int32))
-        hidden, layer_outputs = self.language_model(
+        hidden, layer_outputs, _ = self.language_model(
             embeds, batch.position_ids, meta, [batch.und_index, batch.gen_index],
-            backend=c.attention_backend, block_size=c.attention_block_size, remat=c.remat,
-            return_layer_outputs=return_layer_outputs)
+            backend=c.attention_backend, block_size=c.attention_block_size, remat=c.remat)
 
-        # CE at the requested positions (§4.6); padding slots (index T) are masked.
+        # CE at the requested positions (docs/packed_sequence.md §4.6); padding slots (index T) are masked.
         ce_mask = batch.ce_index < length
         h_ce = jnp.take(hidden, batch.ce_index, axis=0, mode="fill", fill_value=0)
         logits = self.language_model.logits(h_ce)
         label_logit = jnp.take_along_axis(logits, batch.ce_labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
         ce = jnp.where(ce_mask, jax.nn.logsumexp(logits, axis=-1) - label_logit, 0.0)
 
-        # Flow-matching MSE at noised latent tokens only (t > 0), target ε − x₀ (§3.11).
+        # Flow-matching MSE at noised latent tokens only (t > 0), target ε − x₀ (docs/model.md §3.11).
         h_vae = jnp.take(hidden, batch.vae_token_index, axis=0, mode="fill", fill_value=0)
         preds = self.llm2vae(h_vae).astype(jnp.float32)
         mse_mask = (batch.vae_token_index < length) & (t > 0)
@@ -131,7 +134,8 @@ class UniMedVL(nnx.Module):
 
         return ForwardOutput(
             ce=ce, ce_mask=ce_mask, ce_logits=logits, mse=mse, mse_mask=mse_mask, mse_preds=preds, x0=x0,
-            x_t=x_t, t=t, input_embeds=embeds, hidden=hidden, layer_outputs=tuple(layer_outputs or ()),
+            x_t=x_t, t=t, input_embeds=embeds, hidden=hidden,
+            layer_outputs=tuple(layer_outputs) if return_layer_outputs else (),
             vit_features=feats, connector_out=conn, time_embeds=temb)
 
 
@@ -144,11 +148,11 @@ def loss_counts(batch: PackedBatch):
 
 
 def packed_loss(out: ForwardOutput, ce_weight, *, counts=None, ce_loss_weight=1.0, mse_loss_weight=1.0):
-    """loss = w_ce·Σce·w/N_ce + w_mse·Σmse/N_mse (§4.6); a term with no tokens contributes 0.
+    """loss = w_ce·Σce·w/N_ce + w_mse·Σmse/N_mse (docs/packed_sequence.md §4.6); a term with no tokens contributes 0.
 
     `counts` = (N_ce, N_mse) to normalise by; by default this output's own. The train step passes the global
     batch's counts (loss_counts) for each pack and sums the packs' shares, which is the all-reduced
-    normalisation of §4.6. Returns (loss, dict of the terms).
+    normalisation of docs/packed_sequence.md §4.6. Returns (loss, dict of the terms).
     """
     n_ce, n_mse = (jnp.sum(out.ce_mask), jnp.sum(out.mse_mask)) if counts is None else counts
     ce = jnp.sum(out.ce * ce_weight) / jnp.maximum(n_ce, 1)

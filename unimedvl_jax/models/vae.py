@@ -1,7 +1,7 @@
-"""FLUX.1 autoencoder (spec §1.3, §2.2, §3.10) in NHWC layout.
+"""FLUX.1 autoencoder (docs/model.md §1.3, docs/model.md §2.2, docs/model.md §3.10) in NHWC layout.
 
-Attribute paths mirror the official `ae.safetensors` keys (§2.2): our `<path>.kernel` (kh, kw, in, out) is the
-official `<path>.weight` (out, in, kh, kw); biases and GroupNorm weights keep their names.
+Attribute paths mirror the official `ae.safetensors` keys (docs/model.md §2.2): our `<path>.kernel` (kh, kw, in, out) is
+the official `<path>.weight` (out, in, kh, kw); biases and GroupNorm weights keep their names.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ class GroupNorm(nnx.Module):
 
 
 class ResnetBlock(nnx.Module):
-    """nin_shortcut(x) + conv2(swish(norm2(conv1(swish(norm1(x)))))), nin only when channels change (§3.10)."""
+    """nin_shortcut(x) + conv2(swish(norm2(conv1(swish(norm1(x)))))), nin only when channels change
+    (docs/model.md §3.10)."""
 
     def __init__(self, in_channels, out_channels, *, norm_kw, conv_kw):
         self.norm1 = GroupNorm(in_channels, **norm_kw)
@@ -84,7 +85,7 @@ class ResnetBlock(nnx.Module):
 
 
 class AttnBlock(nnx.Module):
-    """x + proj_out(softmax(q kᵀ / sqrt(C)) v) over the h·w positions, one head of width C (§3.10)."""
+    """x + proj_out(softmax(q kᵀ / sqrt(C)) v) over the h·w positions, one head of width C (docs/model.md §3.10)."""
 
     def __init__(self, channels, *, norm_kw, conv_kw):
         self.norm = GroupNorm(channels, **norm_kw)
@@ -104,7 +105,7 @@ class AttnBlock(nnx.Module):
 
 
 class Downsample(nnx.Module):
-    """Zero-pad bottom and right by 1, then a 3x3 stride-2 conv without padding (§3.10)."""
+    """Zero-pad bottom and right by 1, then a 3x3 stride-2 conv without padding (docs/model.md §3.10)."""
 
     def __init__(self, channels, *, conv_kw):
         self.conv = Conv2d(channels, channels, 3, stride=2, padding=0, **conv_kw)
@@ -114,7 +115,7 @@ class Downsample(nnx.Module):
 
 
 class Upsample(nnx.Module):
-    """Nearest-neighbour x2 upsampling, then a 3x3 conv with padding 1 (§3.10)."""
+    """Nearest-neighbour x2 upsampling, then a 3x3 conv with padding 1 (docs/model.md §3.10)."""
 
     def __init__(self, channels, *, conv_kw):
         self.conv = Conv2d(channels, channels, 3, padding=1, **conv_kw)
@@ -182,7 +183,7 @@ def _block_kwargs(cfg, dtype, param_dtype, rngs):
 
 
 class Encoder(nnx.Module):
-    """(B, H, W, in_channels) → (B, H/f, W/f, 2·z_channels) = mean ‖ logvar (§3.10)."""
+    """(B, H, W, in_channels) → (B, H/f, W/f, 2·z_channels) = mean ‖ logvar (docs/model.md §3.10)."""
 
     def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         norm_kw, conv_kw = _block_kwargs(cfg, dtype, param_dtype, rngs)
@@ -207,7 +208,8 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    """(B, h, w, z_channels) → (B, h·f, w·f, out_ch); `up[k]` is resolution level k, run from last to 0 (§2.2)."""
+    """(B, h, w, z_channels) → (B, h·f, w·f, out_ch); `up[k]` is resolution level k, run from last to 0
+    (docs/model.md §2.2)."""
 
     def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         norm_kw, conv_kw = _block_kwargs(cfg, dtype, param_dtype, rngs)
@@ -232,7 +234,7 @@ class Decoder(nnx.Module):
 
 
 class AutoEncoder(nnx.Module):
-    """FLUX.1 AE: Encoder, diagonal-Gaussian sampling with scale/shift normalisation, Decoder (§3.10)."""
+    """FLUX.1 AE: Encoder, diagonal-Gaussian sampling with scale/shift normalisation, Decoder (docs/model.md §3.10)."""
 
     def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         expected = 2 ** (len(cfg.ch_mult) - 1)

@@ -1,5 +1,6 @@
-"""SigLIP NaViT vision encoder (§1.2, §3.5, §3.6): linear patch embedding, learned position table, pre-LN
-encoder layers with attention restricted to each image of the packed batch, tanh-GELU MLP, post-layernorm."""
+"""SigLIP NaViT vision encoder (docs/model.md §1.2, docs/model.md §3.5, docs/model.md §3.6): linear patch embedding,
+learned position table, pre-LN encoder layers with attention restricted to each image of the packed batch, tanh-GELU
+MLP, post-layernorm."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from unimedvl_jax.models.layers import Embed, GeluMLP, LayerNorm, Linear, dtype_
 
 
 class SiglipEmbeddings(nnx.Module):
-    """PatchLinear(patch) + position_embedding[pid]; patches are (row, col, channel)-flattened (§3.5)."""
+    """PatchLinear(patch) + position_embedding[pid]; patches are (row, col, channel)-flattened (docs/model.md §3.5)."""
 
     def __init__(self, cfg, *, dtype, param_dtype, rngs):
         patch_dim = cfg.patch_size * cfg.patch_size * cfg.num_channels
@@ -72,7 +73,7 @@ class SiglipEncoder(nnx.Module):
 
 
 class SiglipVisionTransformer(nnx.Module):
-    """Embeddings, encoder, post_layernorm (applied after the last instantiated layer, §9.15)."""
+    """Embeddings, encoder, post_layernorm (applied after the last instantiated layer, docs/quirks.md §9.15)."""
 
     def __init__(self, cfg, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)

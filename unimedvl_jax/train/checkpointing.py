@@ -28,6 +28,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
+from unimedvl_jax.interop.params_checkpoint import save_params_checkpoint, weights_state
 
 
 def abstract_target(abstract_state, shardings):
@@ -39,7 +41,6 @@ def gather_data_states(local_states: dict) -> dict:
     """{shard: state} of every process's data shards (the local ones alone on a single process)."""
     if jax.process_count() == 1:
         return dict(local_states)
-    from jax.experimental import multihost_utils
 
     blob = np.frombuffer(json.dumps(local_states).encode(), np.uint8)
     sizes = multihost_utils.process_allgather(np.asarray([blob.size], np.int64)).reshape(-1)
@@ -114,8 +115,6 @@ def write_final(path, graphdef, rest, state, model_cfg) -> str:
 
     Written to `<path>.tmp` and renamed, so `path` only ever holds a complete checkpoint (an older one is
     replaced). Every process calls it: orbax writes each process's array shards, process 0 the rest."""
-    from unimedvl_jax.interop.params_checkpoint import save_params_checkpoint, weights_state
-
     path = os.path.abspath(os.fspath(path))
     tmp = path + ".tmp"
     main = jax.process_index() == 0
@@ -126,8 +125,6 @@ def write_final(path, graphdef, rest, state, model_cfg) -> str:
     if jax.process_count() == 1:
         save_params_checkpoint(tmp, model, model_cfg, ema_model=ema_model)
     else:  # same layout as save_params_checkpoint, with the directory and config written once
-        from jax.experimental import multihost_utils
-
         if main:
             os.makedirs(tmp)
             with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -143,7 +140,5 @@ def write_final(path, graphdef, rest, state, model_cfg) -> str:
             shutil.rmtree(path)
         os.replace(tmp, path)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("final checkpoint renamed")
     return path

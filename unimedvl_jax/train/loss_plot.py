@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 TERMS = ("loss", "ce", "mse")
 COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44))   # one per stage (cycled)
@@ -34,8 +35,6 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 def plot_loss_curves(metrics_jsonl, out_png, stage_names, *, window: int = 20, width: int = 900,
                      panel_height: int = 220) -> str:
     """Write a 3-panel PNG (loss, ce, mse vs step; colour = stage) of a run's metrics.jsonl; returns out_png."""
-    from PIL import Image, ImageDraw
-
     rows = read_step_rows(metrics_jsonl)
     if not rows:
         raise ValueError(f"{metrics_jsonl}: no finite step rows to plot")

@@ -1,4 +1,4 @@
-"""Optimizer section of the experiment config: BAGEL's training-script defaults (§7.2)."""
+"""Optimizer section of the experiment config: BAGEL's training-script defaults (docs/training.md §7.2)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ml_collections
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
-    """AdamW β=(0.9, 0.95), eps 1e-15, no weight decay, clip 1.0, EMA 0.9999 from step 0 (§7.2).
+    """AdamW β=(0.9, 0.95), eps 1e-15, no weight decay, clip 1.0, EMA 0.9999 from step 0 (docs/training.md §7.2).
 
     grad_accum_steps: the global batch's packs are processed in this many sequential micro-batches (must divide
     train.batch_packs); gradients and loss terms are summed, each normalised by the global token counts.

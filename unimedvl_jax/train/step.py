@@ -1,4 +1,4 @@
-"""One jitted train step with the curriculum inside it (DESIGN.md "Curriculum is data").
+"""One jitted train step with the curriculum inside it (docs/architecture.md "Curriculum is data").
 
 stage = searchsorted(boundaries, step, 'right') is computed in the step; per-stage values (loss weights,
 trainable masks) are arrays indexed by it; the learning rate is optax.join_schedules of per-stage pieces. So a run
@@ -7,7 +7,7 @@ bit-identical while frozen (weight decay included: the update is discarded, not 
 skipped (state kept, counted); the optimizer's LR-schedule count is pinned to the global step, so skipped steps do
 not delay the learning rate relative to the stage.
 
-Global batch = B packs, each a static-shape PackedBatch (leading axis B). Per §4.6 the loss is
+Global batch = B packs, each a static-shape PackedBatch (leading axis B). Per docs/packed_sequence.md §4.6 the loss is
   ce_weight[stage] · Σce / N_ce + mse_weight[stage] · Σmse / N_mse
 with the counts taken over the whole global batch (all micro-batches when accumulating).
 """
@@ -98,7 +98,8 @@ def make_tables(cfg, params: nnx.State) -> TrainTables:
 
 
 def make_optimizer(cfg, tables: TrainTables) -> optax.GradientTransformation:
-    """Clip by global norm, then AdamW with the joined per-stage LR schedule (§7.2 defaults in cfg.optim)."""
+    """Clip by global norm, then AdamW with the joined per-stage LR schedule (docs/training.md §7.2 defaults in
+    cfg.optim)."""
     o = cfg.optim
     return optax.chain(optax.clip_by_global_norm(o.grad_clip),
                        optax.adamw(tables.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
@@ -174,7 +175,8 @@ def make_train_step(graphdef, rest_state, tx, tables: TrainTables, cfg):
         """One pack's share of the global-batch loss (packed_loss normalised by the global counts)."""
         model = nnx.merge(graphdef, params, rest_state)
         k_vae, k_noise = jax.random.split(key)
-        # Frozen VAE: latents of the zero-padded images with a posterior sample (§3.10, §9.1, §9.2).
+        # Frozen VAE: latents of the zero-padded images with a posterior sample (docs/model.md §3.10,
+        # docs/quirks.md §9.1, docs/quirks.md §9.2).
         latents = jax.lax.stop_gradient(model.vae_model.encode(pack.vae_images, key=k_vae))
         noise = jax.random.normal(k_noise, (pack.vae_token_index.shape[0], patch_dim), jnp.float32)
         loss, terms = packed_loss(model(pack, latents, noise), pack.ce_weight, counts=counts,
@@ -182,7 +184,7 @@ def make_train_step(graphdef, rest_state, tx, tables: TrainTables, cfg):
         return loss, (terms["ce"], terms["mse"])
 
     def loss_fn(params, batch: PackedBatch, keys, stage, counts):
-        """This (micro-)batch's share of the §4.6 loss: the sum of its packs' shares."""
+        """This (micro-)batch's share of the docs/packed_sequence.md §4.6 loss: the sum of its packs' shares."""
         loss, (ce, mse) = jax.vmap(pack_loss, in_axes=(None, 0, 0, None, None))(params, batch, keys, stage, counts)
         return jnp.sum(loss), (jnp.sum(ce), jnp.sum(mse))
 

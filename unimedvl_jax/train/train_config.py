@@ -12,7 +12,7 @@ train.max_consecutive_nonfinite  K: stop with an error after K non-finite (skipp
 train.peak_flops                 peak FLOP/s of ONE device, for MFU (0 = unknown: MFU not reported)
 train.seed                       model init and step RNG seed
 train.data_shards                S: the global batch is filled by S data shards, shard s reading records
-                                 source[s::S] into rows [s·B/S, (s+1)·B/S) (unimedvl_jax/distributed.py
+                                 source[s::S] into rows [s·B/S, (s+1)·B/S) (data_pipelines/data_shards.py
                                  DataShardLayout). Each process runs the iterators of the shards its devices hold,
                                  so the batches depend on (S, B) only, not on the number of processes. 0 = the
                                  checkpoint's S when resuming, else the fewest shards the process layout allows
@@ -23,10 +23,6 @@ train.log_record_ids             per-step JSONL rows list the record ids each pa
 train.write_final                write <workdir>/final/ (config.json + params/ + ema/) at the end of training
 train.init_vae_from              a VAE checkpoint (unimedvl-train-vae) installed into the model before training
                                  starts: its weights and fitted latent scale/shift ('' = keep the initialised VAE)
-train.debug_poison_steps         TEST-ONLY hook: 1-based step numbers whose batch gets ce_weight = NaN (forces a
-                                 non-finite loss; used by tests/train/test_loop.py for the non-finite guard)
-train.debug_step_sleep_s         TEST-ONLY hook: sleep this long after dispatching each step (lets tests
-                                 interrupt a run at a chosen point; does not change any result)
 
 mesh.shape      (data, fsdp, tensor); one entry may be -1 (= the remaining devices)
 mesh.dcn_shape  multi-slice (DCN) split of mesh.shape: slices along each axis (default (1, 1, 1)); e.g. shape
@@ -55,8 +51,6 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         init_vae_from="",
         data_shards=0,
         log_record_ids=True,
-        debug_poison_steps=(),
-        debug_step_sleep_s=0.0,
     ))
     c.update(overrides)
     return c

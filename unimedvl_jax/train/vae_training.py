@@ -1,4 +1,4 @@
-"""Training the FLUX-architecture autoencoder (§1.3, §3.10) on the images of a record split.
+"""Training the FLUX-architecture autoencoder (docs/model.md §1.3, docs/model.md §3.10) on the images of a record split.
 
 The released model ships a pretrained FLUX AE and keeps it frozen; a from-scratch tiny setup has no such VAE, and a
 random one turns every generated image into noise. This module trains a small AE of the same architecture on the
