@@ -37,6 +37,7 @@ def run_phase(phase: str, workdir: str, layers: int) -> dict:
     nnx.use_eager_sharding(False)
     import jax
     import numpy as np
+
     from unimedvl_jax.interop.checkpoint_export import export_official
     from unimedvl_jax.interop.checkpoint_import import import_official
     from unimedvl_jax.models.unimedvl import UniMedVL

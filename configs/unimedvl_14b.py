@@ -4,8 +4,8 @@ FLUX AE."""
 import ml_collections
 
 from unimedvl_jax import config as C
-from unimedvl_jax.data_config import data_config
 from unimedvl_jax.curriculum import curriculum_config
+from unimedvl_jax.data_config import data_config
 from unimedvl_jax.train.optim_config import optim_config
 from unimedvl_jax.train.train_config import add_train_sections
 

@@ -1,64 +1,73 @@
-"""Build ArrayRecord shards of unimed-mini or of a JSONL manifest (cached: a second run is a no-op).
+"""unimedvl-build-data: build ArrayRecord shards of unimed-mini or of a JSONL manifest (cached: a second run is a
+no-op).
 
-    python -m data_pipelines.build --dataset unimed-mini --data-dir DIR [--shard-records N]
-    python -m data_pipelines.build --dataset manifest --manifest FILE --data-dir DIR [--shard-records N]
+    unimedvl-build-data --dataset unimed-mini --data-dir DIR [--shard-records N]
+    unimedvl-build-data --dataset manifest --manifest FILE --data-dir DIR [--shard-records N]
+    (or python -m data_pipelines.build ...)
 
 Prints the dataset directory, per-split / per-task / per-modality counts, bad records by reason and shard bytes.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import pathlib
 import sys
 import time
 
+from absl import flags
+
 from data_pipelines import prepare, tfds_builder
 from data_pipelines.sources import unimed_mini
+from unimedvl_jax import entry_point
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """Command-line options."""
-    p = argparse.ArgumentParser(prog="unimedvl-build-data", description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", choices=("unimed-mini", "manifest"), required=True)
-    p.add_argument("--data-dir", required=True, type=pathlib.Path, help="TFDS data directory to write into")
-    p.add_argument("--manifest", type=pathlib.Path, help="JSONL manifest (with --dataset manifest)")
-    p.add_argument("--shard-records", type=int, default=None,
-                   help="records per ArrayRecord shard (default: TFDS size-based sharding, one shard < 64 MiB)")
-    p.add_argument("--max-examples-per-split", type=int, default=None, help="truncate each split (trial builds)")
-    p.add_argument("--max-side", type=int, default=None, help="unimed-mini: longest image side (default 256)")
-    p.add_argument("--force", action="store_true", help="rebuild even if the dataset is already prepared")
-    args = p.parse_args(argv)
-    if args.dataset == "manifest" and args.manifest is None:
-        p.error("--dataset manifest needs --manifest FILE")
-    if args.dataset == "unimed-mini" and args.manifest is not None:
-        p.error("--manifest only applies to --dataset manifest")
-    if args.shard_records is not None and args.shard_records < 1:
-        p.error("--shard-records must be >= 1")
-    return args
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_enum("dataset", None, ["unimed-mini", "manifest"], "what to build", flag_values=fv)
+    flags.DEFINE_string("data-dir", None, "TFDS data directory to write into", flag_values=fv)
+    flags.DEFINE_string("manifest", None, "JSONL manifest (with --dataset manifest)", flag_values=fv)
+    flags.DEFINE_integer("shard-records", None, "records per ArrayRecord shard (default: TFDS size-based sharding, "
+                         "one shard < 64 MiB)", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("max-examples-per-split", None, "truncate each split (trial builds)", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("max-side", None, f"unimed-mini: longest image side (default {unimed_mini.MAX_SIDE})",
+                         lower_bound=1, flag_values=fv)
+    flags.DEFINE_bool("force", False, "rebuild even if the dataset is already prepared", flag_values=fv)
 
 
-def make_source(args: argparse.Namespace):
+COMMAND = entry_point.Command("unimedvl-build-data", __doc__, _define, required=("dataset", "data-dir"))
+
+
+def make_source(args):
     """Record source selected by the options."""
     if args.dataset == "manifest":
-        return tfds_builder.ManifestSource(args.manifest)
+        if args.manifest is None:
+            raise entry_point.UsageError("--dataset manifest needs --manifest FILE")
+        return tfds_builder.ManifestSource(pathlib.Path(args.manifest))
+    if args.manifest is not None:
+        raise entry_point.UsageError("--manifest only applies to --dataset manifest")
     return tfds_builder.UnimedMiniSource(args.max_side or unimed_mini.MAX_SIDE)
 
 
-def main(argv=None) -> int:
-    """Entry point of `python -m data_pipelines.build` / unimedvl-build-data."""
-    args = parse_args(argv)
+def run(args) -> int:
+    """Build (or find cached) the selected dataset and print its summary."""
+    source = make_source(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     start = time.time()
-    source = make_source(args)
-    print(f"building {source.name} into {args.data_dir} ...", flush=True)
-    builder, generated = tfds_builder.build(source, args.data_dir, records_per_shard=args.shard_records,
+    data_dir = pathlib.Path(args.data_dir)
+    print(f"building {source.name} into {data_dir} ...", flush=True)
+    builder, generated = tfds_builder.build(source, data_dir, records_per_shard=args.shard_records,
                                             max_examples_per_split=args.max_examples_per_split, force=args.force)
     path = pathlib.Path(builder.data_dir)
     print(("built" if generated else "already built (cached, nothing to do)") + f" in {time.time() - start:.1f}s")
     print(prepare.summary(path))
     return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of unimedvl-build-data / `python -m data_pipelines.build`; `argv`: the arguments after the
+    program name (default sys.argv[1:])."""
+    return COMMAND.run(run, argv)
 
 
 if __name__ == "__main__":

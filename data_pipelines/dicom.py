@@ -22,14 +22,13 @@ import io
 import pathlib
 import warnings
 
+import nibabel as nib
 import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.pixels import apply_color_lut, apply_modality_lut
 
 from data_pipelines.schema import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, BadRecord, pil_to_rgb
-from pydicom.pixels import apply_modality_lut
-from pydicom.pixels import apply_color_lut
-import pydicom
-import nibabel as nib
-from PIL import Image
 
 PLANES = ("sagittal", "coronal", "axial")   # canonical RAS voxel axis -> anatomical plane of its slices
 PERCENTILES = (0.5, 99.5)

@@ -15,8 +15,8 @@ from data_pipelines.pipeline import PackedBatchIterator, ShardedPackIterator, so
 from data_pipelines.sample_plan import Planner
 from data_pipelines.schema import decode_image
 from data_pipelines.transforms import ImageTransform
-from unimedvl_jax.tokenizers import SentencePieceTokenizer, load_tokenizer
 from unimedvl_jax.curriculum import StageSchedule
+from unimedvl_jax.tokenizers import SentencePieceTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 

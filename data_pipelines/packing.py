@@ -16,7 +16,7 @@ import logging
 import numpy as np
 
 from data_pipelines.sample_plan import SamplePlan
-from unimedvl_jax.packed_batch import CAUSAL, PAD, PackedBatch, TEXT, VAE, VIT
+from unimedvl_jax.packed_batch import CAUSAL, PAD, TEXT, VAE, VIT, PackedBatch
 
 log = logging.getLogger(__name__)
 

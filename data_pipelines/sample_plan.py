@@ -18,8 +18,8 @@ import numpy as np
 
 from data_pipelines.schema import Record, decode_image
 from data_pipelines.transforms import ImageTransform, patchify_vit
-from unimedvl_jax.patches import flattened_position_ids, grid_rows_cols
 from unimedvl_jax.packed_batch import CAUSAL, FULL, NOISE, TEXT, VAE, VIT
+from unimedvl_jax.patches import flattened_position_ids, grid_rows_cols
 from unimedvl_jax.tokenizers import check_compatible
 
 

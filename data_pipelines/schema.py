@@ -15,8 +15,9 @@ import dataclasses
 import io
 import json
 import struct
-from PIL import Image
+
 import numpy as np
+from PIL import Image
 
 TASKS = ("understanding", "generation", "interleaved")
 TEXT_ROLES = ("context", "answer")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from PIL import Image
 
 from data_pipelines.schema import pil_to_rgb
 from unimedvl_jax.patches import patchify
-from PIL import Image
 
 DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024  # 1,806,336 (docs/preprocessing.md §6.4)
 

@@ -50,7 +50,8 @@ def test_grid_and_report():
                     "per_modality": {"MRI": {"n": 4, "accuracy": 0.75}}}}
     report = {"config": "tiny", "train_steps": 9, "seconds_total": 12.0, "timings": {"x": 1.0}, "vqa": vqa,
               "generation": {"n": 2, "cycle_correct": 1, "cycle_accuracy": 0.5,
-                             "prompts": [{"modality": "CT", "prompt": "p", "expected": "CT", "answers": ["CT", "MRI"]}]},
+                             "prompts": [{"modality": "CT", "prompt": "p", "expected": "CT",
+                                          "answers": ["CT", "MRI"]}]},
               "super_resolution": {"items": [{"record": "r", "psnr_bicubic": 30.0, "psnr_model": 20.0}],
                                    "mean_psnr_bicubic": 30.0, "mean_psnr_model": 20.0},
               "vae": {"psnr_db": {"val": 18.0}}, "export": "/x"}

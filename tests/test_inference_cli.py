@@ -76,17 +76,17 @@ def test_generate_writes_sized_pngs_and_seeds_matter(workdir, tmp_path):
     assert a.shape == b.shape == (16, 24, 3)        # the run's vae_image_size
     assert not np.array_equal(a, b)                 # seeds 3 and 4
     assert inference_cli.generate_main(["--checkpoint", str(workdir), "--prompt", "Generate a chest radiograph.",
-                                        "--out", str(out), "--size", "16", "16", *SAMPLER]) == 0
+                                        "--out", str(out), "--size", "16,16", *SAMPLER]) == 0
     c = np.asarray(Image.open(out))
     assert c.shape == (16, 16, 3)
     inference_cli.generate_main(["--checkpoint", str(workdir), "--prompt", "Generate a chest radiograph.",
-                                 "--out", str(tmp_path / "again.png"), "--size", "16", "16", *SAMPLER])
+                                 "--out", str(tmp_path / "again.png"), "--size", "16,16", *SAMPLER])
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "again.png")), c)  # same seed, same image
 
 
 def test_edit_takes_the_input_size_rule_and_official_export_matches(workdir, inputs, tmp_path):
-    from unimedvl_jax.interop.checkpoint_export import export_official
     from unimedvl_jax.inference.loading import load_for_inference
+    from unimedvl_jax.interop.checkpoint_export import export_official
 
     args = ["--image", str(inputs["png"]), "--instruction", "Increase the resolution of this image by 2x.",
             *SAMPLER]
@@ -120,3 +120,5 @@ def test_clear_errors(workdir, tmp_path):
     with pytest.raises(SystemExit):
         inference_cli.generate_main(["--checkpoint", str(workdir), "--prompt", "p", "--out", "o.png",
                                      "--num-images", "0"])
+    with pytest.raises(SystemExit):  # --size takes H,W
+        inference_cli.generate_main(["--checkpoint", str(workdir), "--prompt", "p", "--out", "o.png", "--size", "16"])

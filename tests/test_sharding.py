@@ -7,7 +7,6 @@ import sys
 import textwrap
 
 import pytest
-
 from jax.sharding import PartitionSpec as P
 
 from unimedvl_jax.sharding import make_mesh, partition_spec

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 from configs import tiny
-from unimedvl_jax.tokenizers import (QwenTokenizer, SentencePieceTokenizer, check_compatible, load_tokenizer)
+from unimedvl_jax.tokenizers import QwenTokenizer, SentencePieceTokenizer, check_compatible, load_tokenizer
 
 CORPUS = [
     "The chest X-ray shows a small right pleural effusion.",

@@ -1,40 +1,57 @@
-"""Command-line entry points (see README): unimedvl-import, unimedvl-export and unimedvl-eval-vqa."""
+"""Command-line entry points (see README): unimedvl-import, unimedvl-export and unimedvl-eval-vqa.
+
+Each command is an entry_point.Command (absl flags, --help); `*_main(argv)` take the arguments after the program
+name (default sys.argv[1:]) and return the exit status.
+"""
 
 from __future__ import annotations
 
-import argparse
+import json
+import os
 import sys
 import time
 
+from absl import flags
+
+from data_pipelines.loader import open_split
+from data_pipelines.sources.medical_text import QUESTIONS
+from data_pipelines.transforms import ImageTransform
 from unimedvl_jax import entry_point
+from unimedvl_jax.data_config import data_config
+from unimedvl_jax.eval.vqa import evaluate, vqa_items
+from unimedvl_jax.interop.checkpoint_export import export_official
+from unimedvl_jax.interop.checkpoint_import import import_official
+from unimedvl_jax.interop.official_config import model_config_from_official
+from unimedvl_jax.interop.params_checkpoint import load_params_checkpoint, save_params_checkpoint
+from unimedvl_jax.tokenizers import load_tokenizer
 
 
-def import_main(argv=None) -> int:
-    """unimedvl-import: official checkpoint directory -> params checkpoint (orbax)."""
-    p = argparse.ArgumentParser(
-        prog="unimedvl-import",
-        description="Import an official UniMedVL/BAGEL checkpoint directory (llm_config.json, vit_config.json, "
-                    "ema.safetensors, ae.safetensors) into an orbax params checkpoint usable for fine-tuning, "
-                    "inference and export. Strict: every missing, unexpected or mis-shaped key is reported.")
-    p.add_argument("--official", required=True, help="official checkpoint directory to read")
-    p.add_argument("--out", required=True, help="params checkpoint directory to create (must not exist)")
-    p.add_argument("--weights-file", default="ema.safetensors",
-                   help="LLM/ViT/bridge weights file inside --official: ema.safetensors (default), "
-                        "model.safetensors (raw, non-EMA) or ema_bf16.safetensors")
-    p.add_argument("--allow-optional-extras", action="store_true",
-                   help="skip the documented optional keys (UniMedVL's vae_model.* copy inside the weights "
-                        "file) instead of failing on them")
-    p.add_argument("--param-dtype", default=None, choices=["float32", "bfloat16"],
-                   help="dtype of the imported master weights (default: the config's, float32)")
-    p.add_argument("--config-override", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a model config field after reading the JSON files, e.g. "
-                        "attention_backend=chunked (repeatable; values parsed as JSON when possible)")
-    args = p.parse_args(argv)
+# --- unimedvl-import -----------------------------------------------------------------------------------------------
+def _import_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("official", None, "official checkpoint directory to read", flag_values=fv)
+    flags.DEFINE_string("out", None, "params checkpoint directory to create (must not exist)", flag_values=fv)
+    flags.DEFINE_string("weights-file", "ema.safetensors", "LLM/ViT/bridge weights file inside --official: "
+                        "ema.safetensors, model.safetensors (raw, non-EMA) or ema_bf16.safetensors", flag_values=fv)
+    flags.DEFINE_bool("allow-optional-extras", False, "skip the documented optional keys (UniMedVL's vae_model.* "
+                      "copy inside the weights file) instead of failing on them", flag_values=fv)
+    flags.DEFINE_enum("param-dtype", None, ["float32", "bfloat16"], "dtype of the imported master weights "
+                      "(default: the config's, float32)", flag_values=fv)
+    flags.DEFINE_multi_string("config-override", [], "KEY=VALUE: override a model config field after reading the "
+                              "JSON files, e.g. attention_backend=chunked (values parsed as JSON when possible)",
+                              flag_values=fv)
+
+
+def _import(args) -> int:
+    """unimedvl-import: official checkpoint directory -> params checkpoint (orbax).
+
+        unimedvl-import --official DIR --out CKPT [--weights-file model.safetensors] \\
+            [--config-override attention_backend=chunked ...]
+
+    Imports an official UniMedVL/BAGEL checkpoint directory (llm_config.json, vit_config.json, ema.safetensors,
+    ae.safetensors) into an orbax params checkpoint usable for fine-tuning, inference and export. Strict: every
+    missing, unexpected or mis-shaped key is reported.
+    """
     entry_point.start("unimedvl-import")
-    from unimedvl_jax.interop.checkpoint_import import import_official
-    from unimedvl_jax.interop.official_config import model_config_from_official
-    from unimedvl_jax.interop.params_checkpoint import save_params_checkpoint
-
     cfg = model_config_from_official(args.official)
     for item in args.config_override:
         _override(cfg, item)
@@ -50,42 +67,18 @@ def import_main(argv=None) -> int:
     return 0
 
 
-def export_main(argv=None) -> int:
-    """unimedvl-export: params checkpoint -> official checkpoint directory."""
-    p = argparse.ArgumentParser(
-        prog="unimedvl-export",
-        description="Export a params checkpoint to the official UniMedVL/BAGEL layout: ema.safetensors (exactly the "
-                    "official key set), ae.safetensors, llm_config.json, vit_config.json (+ bagel_config.json and "
-                    "tokenizer files). Tensors are streamed one at a time; the directory appears only when "
-                    "complete.")
-    p.add_argument("--checkpoint", required=True, help="params checkpoint directory (from unimedvl-import or training)")
-    p.add_argument("--out", required=True, help="official-layout directory to create")
-    p.add_argument("--weights", default="ema", choices=["ema", "params"],
-                   help="which weights to export: EMA (default; falls back to raw params when the checkpoint has "
-                        "no EMA) or the raw params")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="tensor dtype in the safetensors files (default bfloat16, as released)")
-    p.add_argument("--tokenizer-dir", default=None,
-                   help="directory with tokenizer files (vocab.json, merges.txt, tokenizer.json, ...) to copy")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    args = p.parse_args(argv)
-    entry_point.start("unimedvl-export")
-    from unimedvl_jax.interop.checkpoint_export import export_official
-    from unimedvl_jax.interop.params_checkpoint import load_params_checkpoint
+IMPORT = entry_point.Command("unimedvl-import", _import.__doc__, _import_flags, required=("official", "out"))
 
-    start = time.time()
-    model, cfg = load_params_checkpoint(args.checkpoint, weights=args.weights)
-    report = export_official(model, cfg, args.out, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
-                             overwrite=args.overwrite)
-    print(f"exported {report.tensors} ({report.dtype}) to {report.out_dir} in {time.time() - start:.1f}s")
-    return 0
+
+def import_main(argv=None) -> int:
+    """Console-script entry point of unimedvl-import."""
+    return IMPORT.run(_import, argv)
 
 
 def _override(cfg, item: str):
-    import json
     key, sep, value = item.partition("=")
     if not sep:
-        raise SystemExit(f"--config-override {item!r}: expected KEY=VALUE")
+        raise entry_point.UsageError(f"--config-override {item!r}: expected KEY=VALUE")
     try:
         value = json.loads(value)
     except json.JSONDecodeError:
@@ -95,47 +88,84 @@ def _override(cfg, item: str):
     for part in parents:
         node = node[part]
     if leaf not in node:
-        raise SystemExit(f"--config-override {item!r}: unknown config field {key!r}")
+        raise entry_point.UsageError(f"--config-override {item!r}: unknown config field {key!r}")
     node[leaf] = value
 
 
-def eval_vqa_main(argv=None) -> int:
-    """unimedvl-eval-vqa: accuracy on held-out questions with ground-truth answers (e.g. modality questions)."""
-    p = argparse.ArgumentParser(
-        prog="unimedvl-eval-vqa",
-        description="Ask a trained model the held-out VQA questions of a built dataset split (default: the "
-                    "imaging-modality questions of unimed-mini's test split), decode greedily with the KV cache and "
-                    "report normalised exact-match accuracy per modality next to the majority-answer baseline.")
-    p.add_argument("--checkpoint", required=True, help="params checkpoint (e.g. <workdir>/final)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory or tokenizer.json (e.g. <workdir>/tokenizer)")
-    p.add_argument("--data-dir", default="data", help="TFDS data dir holding the built dataset")
-    p.add_argument("--dataset", default="unimed_mini", help="built dataset config name")
-    p.add_argument("--split", action="append", default=None, help="split(s) to evaluate (repeatable; default test)")
-    p.add_argument("--questions", default="modality_name",
-                   help="question family from data_pipelines/sources/medical_text.py QUESTIONS (default modality_name)")
-    p.add_argument("--weights", default="ema", choices=["ema", "params"], help="EMA (default) or raw weights")
-    p.add_argument("--limit", type=int, default=None, help="at most this many questions per split")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--out", default=None, help="write the full report (every answer) as JSON here")
-    args = p.parse_args(argv)
+# --- unimedvl-export -----------------------------------------------------------------------------------------------
+def _export_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("checkpoint", None, "params checkpoint directory (from unimedvl-import or training)",
+                        flag_values=fv)
+    flags.DEFINE_string("out", None, "official-layout directory to create", flag_values=fv)
+    flags.DEFINE_enum("weights", "ema", ["ema", "params"], "which weights to export: EMA (falls back to raw "
+                      "params when the checkpoint has no EMA) or the raw params", flag_values=fv)
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "tensor dtype in the safetensors files "
+                      "(bfloat16 as released)", flag_values=fv)
+    flags.DEFINE_string("tokenizer-dir", None, "directory with tokenizer files (vocab.json, merges.txt, "
+                        "tokenizer.json, ...) to copy", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "replace --out if it exists", flag_values=fv)
+
+
+def _export(args) -> int:
+    """unimedvl-export: params checkpoint -> official checkpoint directory.
+
+        unimedvl-export --checkpoint runs/tiny/final --out export [--tokenizer-dir runs/tiny/tokenizer] \\
+            [--weights params --dtype float32 --overwrite]
+
+    Writes the official UniMedVL/BAGEL layout: ema.safetensors (exactly the official key set), ae.safetensors,
+    llm_config.json, vit_config.json (+ bagel_config.json and tokenizer files). Tensors are streamed one at a
+    time; the directory appears only when complete.
+    """
+    entry_point.start("unimedvl-export")
+    start = time.time()
+    model, cfg = load_params_checkpoint(args.checkpoint, weights=args.weights)
+    report = export_official(model, cfg, args.out, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
+                             overwrite=args.overwrite)
+    print(f"exported {report.tensors} ({report.dtype}) to {report.out_dir} in {time.time() - start:.1f}s")
+    return 0
+
+
+EXPORT = entry_point.Command("unimedvl-export", _export.__doc__, _export_flags, required=("checkpoint", "out"))
+
+
+def export_main(argv=None) -> int:
+    """Console-script entry point of unimedvl-export."""
+    return EXPORT.run(_export, argv)
+
+
+# --- unimedvl-eval-vqa ---------------------------------------------------------------------------------------------
+def _eval_vqa_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("checkpoint", None, "params checkpoint (e.g. <workdir>/final)", flag_values=fv)
+    flags.DEFINE_string("tokenizer", None, "tokenizer directory or tokenizer.json (e.g. <workdir>/tokenizer)",
+                        flag_values=fv)
+    flags.DEFINE_string("data-dir", "data", "TFDS data dir holding the built dataset", flag_values=fv)
+    flags.DEFINE_string("dataset", "unimed_mini", "built dataset config name", flag_values=fv)
+    flags.DEFINE_multi_string("split", ["test"], "split to evaluate", flag_values=fv)
+    flags.DEFINE_enum("questions", "modality_name", sorted(QUESTIONS), "question family of "
+                      "data_pipelines/sources/medical_text.py QUESTIONS", flag_values=fv)
+    flags.DEFINE_enum("weights", "ema", ["ema", "params"], "EMA or raw weights", flag_values=fv)
+    flags.DEFINE_integer("limit", None, "at most this many questions per split", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("max-new-tokens", 16, "greedy decoding budget per answer", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("out", None, "write the full report (every answer) as JSON here", flag_values=fv)
+
+
+def _eval_vqa(args) -> int:
+    """unimedvl-eval-vqa: accuracy on held-out questions with ground-truth answers (e.g. modality questions).
+
+        unimedvl-eval-vqa --checkpoint runs/tiny/final --tokenizer runs/tiny/tokenizer --data-dir data \\
+            [--split test --split val --questions modality_name --out report.json]
+
+    Asks a trained model the held-out VQA questions of a built dataset split (default: the imaging-modality
+    questions of unimed-mini's test split), decodes greedily with the KV cache and reports normalised exact-match
+    accuracy per modality next to the majority-answer baseline.
+    """
     entry_point.start("unimedvl-eval-vqa")
-    import json
-
-    from data_pipelines.loader import open_split
-    from data_pipelines.sources.medical_text import QUESTIONS
-    from data_pipelines.transforms import ImageTransform
-    from unimedvl_jax.eval.vqa import evaluate, vqa_items
-    from unimedvl_jax.interop.params_checkpoint import load_params_checkpoint
-    from unimedvl_jax.tokenizers import load_tokenizer
-
-    if args.questions not in QUESTIONS:
-        raise SystemExit(f"--questions {args.questions!r} not in {sorted(QUESTIONS)}")
     model, cfg = load_params_checkpoint(args.checkpoint, weights=args.weights)
     data_cfg = _data_section(args)
     tokenizer = load_tokenizer(args.tokenizer)
     transform = ImageTransform.from_config(data_cfg.vit_transform)
     report = {}
-    for split in args.split or ["test"]:
+    for split in args.split:
         items = vqa_items(open_split(data_cfg, split), QUESTIONS[args.questions], limit=args.limit)
         res = evaluate(model, tokenizer, transform, items, max_new_tokens=args.max_new_tokens)
         report[split] = res
@@ -149,14 +179,18 @@ def eval_vqa_main(argv=None) -> int:
     return 0
 
 
+EVAL_VQA = entry_point.Command("unimedvl-eval-vqa", _eval_vqa.__doc__, _eval_vqa_flags,
+                               required=("checkpoint", "tokenizer"))
+
+
+def eval_vqa_main(argv=None) -> int:
+    """Console-script entry point of unimedvl-eval-vqa."""
+    return EVAL_VQA.run(_eval_vqa, argv)
+
+
 def _data_section(args):
     """Data settings for evaluation: the ViT transform of the training run (<workdir>/config.json next to final/)
     when present, else the defaults; data dir and dataset from the command line."""
-    import json
-    import os
-
-    from unimedvl_jax.data_config import data_config
-
     data_cfg = data_config()
     run_config = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "config.json")
     if os.path.exists(run_config):

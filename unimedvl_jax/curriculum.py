@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import ml_collections
+import numpy as np
 
 TASKS = ("understanding", "generation", "interleaved")
 REMAINDER_POLICIES = ("renormalise",)

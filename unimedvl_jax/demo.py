@@ -20,18 +20,45 @@ from __future__ import annotations
 import collections
 import json
 import os
+import sys
 import time
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
+from PIL import Image, ImageDraw
+
+from data_pipelines.loader import open_split
+from data_pipelines.pipeline import source_records
+from data_pipelines.prepare import ensure_dataset
+from data_pipelines.schema import decode_image
+from data_pipelines.sources.medical_text import QUESTIONS
+from unimedvl_jax import entry_point
+from unimedvl_jax.eval.vqa import answer_image, evaluate, normalize, vqa_items
+from unimedvl_jax.image_metrics import psnr
+from unimedvl_jax.inference.interleave import edit_image, text_to_image
+from unimedvl_jax.inference.loading import load_for_inference
+from unimedvl_jax.interop.checkpoint_export import export_official
+from unimedvl_jax.train.loop import train
+from unimedvl_jax.train.train_config import total_steps
+from unimedvl_jax.train.vae_training import train_vae
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "experiment config file", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "demo directory (vae/, train/, export/, report, grid)")
-_IMAGES_PER_PROMPT = flags.DEFINE_integer("images_per_prompt", 2, "generated images per modality prompt")
-_SR_IMAGES = flags.DEFINE_integer("sr_images", 4, "held-out images for the super-resolution check")
-_GEN_STEPS = flags.DEFINE_integer("gen_steps", 50, "Euler steps of the image sampler")
+
+
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", "runs/demo", "demo directory (vae/, train/, export/, report, grid)", flag_values=fv)
+    flags.DEFINE_integer("images_per_prompt", 2, "generated images per modality prompt", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("sr_images", 4, "held-out images for the super-resolution check", lower_bound=0,
+                         flag_values=fv)
+    flags.DEFINE_integer("gen_steps", 50, "Euler steps of the image sampler", lower_bound=1, flag_values=fv)
+
+
+COMMAND = entry_point.Command(
+    "unimedvl-demo", __doc__, _define,
+    config=entry_point.ConfigFile(default=_DEFAULT_CONFIG, help="experiment config file", lock=False,
+                                  example="--config.curriculum.stage_steps=(300,300,300)"))
+
 
 MODALITY_QUESTION = "What imaging modality is this?"
 
@@ -59,8 +86,6 @@ class Progress:
 
 
 def _resize(image: np.ndarray, hw) -> np.ndarray:
-    from PIL import Image
-
     return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.BICUBIC))
 
 
@@ -70,9 +95,6 @@ def _rgb(image) -> np.ndarray:
 
 def modality_answers(train_source) -> dict[str, str]:
     """Record modality code -> the train split's most common answer to the modality question."""
-    from data_pipelines.sources.medical_text import QUESTIONS
-    from unimedvl_jax.eval.vqa import vqa_items
-
     votes = collections.defaultdict(collections.Counter)
     for item in vqa_items(train_source, QUESTIONS["modality_name"]):
         votes[item.modality][item.answer] += 1
@@ -81,9 +103,6 @@ def modality_answers(train_source) -> dict[str, str]:
 
 def generation_prompts(train_source) -> list[dict]:
     """The first text→image record of every modality in the train split: prompt, modality, reference image."""
-    from data_pipelines.schema import decode_image
-    from data_pipelines.pipeline import source_records
-
     chosen = {}
     for record in source_records(train_source, name="train"):
         if record.task == "generation" and record.modality not in chosen:
@@ -95,8 +114,6 @@ def generation_prompts(train_source) -> list[dict]:
 
 def sr_records(sources: list, limit: int) -> list:
     """Up to `limit` held-out 2× super-resolution records, at most one per source scan."""
-    from data_pipelines.pipeline import source_records
-
     out, scans = [], set()
     for name, source in sources:
         for record in source_records(source, name=name):
@@ -110,8 +127,6 @@ def sr_records(sources: list, limit: int) -> list:
 
 def sample_grid(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], cell: int = 128) -> np.ndarray:
     """A labelled grid image: one row per (title, [(caption, image)]), each image fitted into a cell² square."""
-    from PIL import Image, ImageDraw
-
     label_h, title_w = 14, 150
     cols = max(len(items) for _, items in rows)
     grid = Image.new("RGB", (title_w + cols * (cell + 4), len(rows) * (cell + label_h + 6)), "white")
@@ -161,21 +176,6 @@ def _markdown(report: dict) -> str:
 
 def run_demo(cfg, workdir: str, *, images_per_prompt: int = 2, sr_images: int = 4, gen_steps: int = 50) -> dict:
     """Run the demo (module docstring) and return the report."""
-    from PIL import Image
-
-    from data_pipelines.loader import open_split
-    from data_pipelines.schema import decode_image
-    from data_pipelines.sources.medical_text import QUESTIONS
-    from unimedvl_jax.eval.vqa import answer_image, evaluate, normalize, vqa_items
-    from unimedvl_jax.inference.interleave import edit_image, text_to_image
-    from unimedvl_jax.inference.loading import load_for_inference
-    from unimedvl_jax.interop.checkpoint_export import export_official
-    from data_pipelines.prepare import ensure_dataset
-    from unimedvl_jax.train.loop import train
-    from unimedvl_jax.train.train_config import total_steps
-    from unimedvl_jax.image_metrics import psnr
-    from unimedvl_jax.train.vae_training import train_vae
-
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     progress = Progress(8)
@@ -279,18 +279,16 @@ def run_demo(cfg, workdir: str, *, images_per_prompt: int = 2, sr_images: int = 
     return report
 
 
-def _run(argv) -> None:
-    from unimedvl_jax.entry_point import start
-
-    start("unimedvl-demo", argv)
-    run_demo(_CONFIG.value, _WORKDIR.value, images_per_prompt=_IMAGES_PER_PROMPT.value, sr_images=_SR_IMAGES.value,
-             gen_steps=_GEN_STEPS.value)
+def run(args) -> None:
+    entry_point.start("unimedvl-demo")
+    run_demo(args.config, args.workdir, images_per_prompt=args.images_per_prompt, sr_images=args.sr_images,
+             gen_steps=args.gen_steps)
 
 
-def main(argv=None) -> None:
-    """Console-script entry point (absl flags: --workdir, --config, --config.x.y=v, ...)."""
-    app.run(_run, argv=argv)
+def main(argv=None) -> int:
+    """Console-script entry point; `argv`: the arguments after the program name (default sys.argv[1:])."""
+    return COMMAND.run(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

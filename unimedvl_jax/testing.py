@@ -2,8 +2,9 @@
 
 A sample is a list of hand-described items (`Text`, `VitImage`, `VaeImage`). `build_packed_batch` turns each
 sample into a docs/packed_sequence.md §4.2 sample plan with the data pipeline's own `PlanBuilder` and packs the plans
-with its `Packer` (§4.3–4.4), so tests see exactly the layout training sees; it also returns the latents and flow
-noise the training forward needs. Real tokens always come first in every static-capacity buffer; padding follows.
+with its `Packer` (docs/packed_sequence.md §4.3–4.4), so tests see exactly the layout training sees; it also returns the
+latents and flow noise the training forward needs. Real tokens always come first in every static-capacity buffer;
+padding follows.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ import pathlib
 from dataclasses import dataclass
 from typing import Sequence
 
+import ml_collections
 import numpy as np
 from flax import nnx
 
 from data_pipelines.packing import COUNT_BUDGETS, PackBudgets, Packer
 from data_pipelines.sample_plan import PlanBuilder
+from unimedvl_jax import config as C
+from unimedvl_jax.interop.params_checkpoint import save_params_checkpoint
+from unimedvl_jax.models.unimedvl import UniMedVL
+from unimedvl_jax.tokenizers import SentencePieceTokenizer
 
 # build_packed_batch capacity key -> the Packer budget it sets
 CAPACITY_BUDGETS = dict(und="und_capacity", gen="gen_capacity", ce="max_ce", vit="max_vit_patches",
@@ -61,10 +67,6 @@ class VaeImage:
 
 def small_model_config():
     """A 2-layer MoT with every path on (QK-norm, ViT, bridges) and a minimal VAE, for fast tests (fp32)."""
-    import ml_collections
-
-    from unimedvl_jax import config as C
-
     return C.model_config(
         llm=C.llm_config(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
                          vocab_size=256, rope_theta=10000.0, qk_norm=True, layer_module="mot"),
@@ -84,10 +86,6 @@ def save_inference_workdir(run, model_cfg, data_cfg, corpus: Sequence[str], *, s
     """A training workdir as inference loads it, for a randomly initialised model: final/ (params checkpoint, the
     same weights as params and EMA), tokenizer/ (SentencePiece trained on `corpus`) and config.json (the run's
     data section, which holds the image transforms and the generation size)."""
-    from unimedvl_jax.interop.params_checkpoint import save_params_checkpoint
-    from unimedvl_jax.models.unimedvl import UniMedVL
-    from unimedvl_jax.tokenizers import SentencePieceTokenizer
-
     run = pathlib.Path(run)
     with nnx.use_eager_sharding(False):
         model = UniMedVL(model_cfg, rngs=nnx.Rngs(seed))

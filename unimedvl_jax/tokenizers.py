@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import re
+
 import sentencepiece as spm
 from tokenizers import Tokenizer as HFTokenizer
 

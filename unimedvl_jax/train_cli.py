@@ -17,39 +17,41 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (e.g. configs/tiny.py)",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, final params)")
-_INIT_TIMEOUT = flags.DEFINE_float("init_timeout", None, "seconds to wait for the coordinator and all processes "
-                                   "of a multi-process job (default: UNIMEDVL_INIT_TIMEOUT or 300)")
-flags.mark_flags_as_required(["config", "workdir"])
+from unimedvl_jax import entry_point
+from unimedvl_jax.train.loop import NonFiniteError, StageMismatchError, train
 
 
-def run(argv, *, hooks=None) -> None:
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, final params)", flag_values=fv)
+    flags.DEFINE_float("init_timeout", None, "seconds to wait for the coordinator and all processes of a "
+                       "multi-process job (default: UNIMEDVL_INIT_TIMEOUT or 300)", flag_values=fv)
+
+
+COMMAND = entry_point.Command("unimedvl-train", __doc__, _define, required=("config", "workdir"),
+                              config=entry_point.ConfigFile())
+
+
+def run(args, *, hooks=None) -> int:
     """The command after flag parsing; `hooks` (train/loop.py TrainHooks) serve tests (tests/train/hooked_train.py)."""
-    from unimedvl_jax.entry_point import start
-
     # before any JAX computation: joins the multi-process job described by the environment, if any
-    spec = start("unimedvl-train", argv, timeout_s=_INIT_TIMEOUT.value)
+    spec = entry_point.start("unimedvl-train", timeout_s=args.init_timeout)
     if spec.multi_process:
         print(f"unimedvl-train: {spec.describe()}", flush=True)
-    from unimedvl_jax.train.loop import NonFiniteError, StageMismatchError, train
-
     try:
-        result = train(_CONFIG.value, _WORKDIR.value, hooks=hooks)
+        result = train(args.config, args.workdir, hooks=hooks)
     except (NonFiniteError, StageMismatchError) as e:
         print(f"unimedvl-train: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        return 1
     print(f"unimedvl-train: {'preempted' if result.preempted else 'done'} at step {result.step}", flush=True)
+    return 0
 
 
-def main(argv=None) -> None:
-    """Console-script entry point (absl app; --config / --workdir / --config.x.y=v flags)."""
-    app.run(run, argv=argv)
+def main(argv=None) -> int:
+    """Console-script entry point; `argv`: the arguments after the program name (default sys.argv[1:])."""
+    return COMMAND.run(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

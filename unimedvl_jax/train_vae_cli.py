@@ -9,34 +9,36 @@ command line.
 
 from __future__ import annotations
 
+import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (e.g. configs/tiny.py)",
-                                          lock_config=True)
-_OUT = flags.DEFINE_string("out", None, "directory for the VAE checkpoint (config.json + params/)")
-flags.mark_flags_as_required(["config", "out"])
+from data_pipelines.prepare import ensure_dataset
+from unimedvl_jax import entry_point
+from unimedvl_jax.train.vae_training import train_vae
 
 
-def _run(argv) -> None:
-    from unimedvl_jax.entry_point import start
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("out", None, "directory for the VAE checkpoint (config.json + params/)", flag_values=fv)
 
-    start("unimedvl-train-vae", argv)
-    from data_pipelines.prepare import ensure_dataset
-    from unimedvl_jax.train.vae_training import train_vae
 
-    cfg = _CONFIG.value
+COMMAND = entry_point.Command("unimedvl-train-vae", __doc__, _define, required=("config", "out"),
+                              config=entry_point.ConfigFile(example="--config.vae_training.steps=1000"))
+
+
+def run(args) -> None:
+    entry_point.start("unimedvl-train-vae")
+    cfg = args.config
     if "vae_training" not in cfg:
-        raise app.UsageError("the config has no vae_training section (see unimedvl_jax/train/vae_training.py)")
+        raise entry_point.UsageError("the config has no vae_training section (unimedvl_jax/train/vae_config.py)")
     ensure_dataset(cfg.data)
-    train_vae(cfg, _OUT.value, console=lambda s: print(s, flush=True))
+    train_vae(cfg, args.out, console=lambda s: print(s, flush=True))
 
 
-def main(argv=None) -> None:
-    """Console-script entry point (absl app; --config / --out / --config.x.y=v flags)."""
-    app.run(_run, argv=argv)
+def main(argv=None) -> int:
+    """Console-script entry point; `argv`: the arguments after the program name (default sys.argv[1:])."""
+    return COMMAND.run(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

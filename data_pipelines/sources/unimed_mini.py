@@ -29,18 +29,18 @@ import pathlib
 import re
 from collections.abc import Callable, Iterator
 
-import numpy as np
-
-from data_pipelines import dicom
-from data_pipelines.sources import medical_text
-from data_pipelines.schema import Record, Segment, encode_png
-from data_pipelines.splits import split_for_scan
-from PIL import Image
-import pydicom
-from pydicom.data import get_testdata_file
-import skimage.data
 import nibabel
 import nilearn
+import numpy as np
+import pydicom
+import skimage.data
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from data_pipelines import dicom
+from data_pipelines.schema import Record, Segment, encode_png
+from data_pipelines.sources import medical_text
+from data_pipelines.splits import split_for_scan
 
 NAME = "unimed-mini"
 # Split salt, chosen once among unimed-mini-v0..v39 so that the two big scans (MNI volumes, US cine) land in train

@@ -13,8 +13,8 @@ from data_pipelines import schema
 from data_pipelines.packing import Packer
 from data_pipelines.pipeline import PackedBatchIterator
 from data_pipelines.sample_plan import Planner
-from unimedvl_jax.tokenizers import SentencePieceTokenizer
 from unimedvl_jax.curriculum import StageSchedule, curriculum_config
+from unimedvl_jax.tokenizers import SentencePieceTokenizer
 
 MODEL = tiny.get_config().model
 WORDS = "chest ct mri liver lesion axial slice brain effusion normal left right modality".split()

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines.transforms import (VAE_GEN, VIT_EDIT, VIT_VQA, ImageTransform, aspect_preserving_target_size,
-                                       patchify_vit, resize_target, to_normalized_array)
+from data_pipelines.transforms import (
+    VAE_GEN,
+    VIT_EDIT,
+    VIT_VQA,
+    ImageTransform,
+    aspect_preserving_target_size,
+    patchify_vit,
+    resize_target,
+    to_normalized_array,
+)
 
 
 @pytest.mark.parametrize("transform, size, img_num, expected, why", [

@@ -12,14 +12,24 @@ import pytest
 
 from data_pipelines.transforms import ImageTransform
 from unimedvl_jax.inference import image_generation
-from unimedvl_jax.inference.guidance import guidance_branches, guidance_scales, guide_velocity
 from unimedvl_jax.inference.context import Context
 from unimedvl_jax.inference.flow_sampler import euler_sample, euler_update, flow_timesteps
-from unimedvl_jax.inference.image_generation import (decode_latents, generate_image, guided_velocity,
-                                                        stack_caches, to_uint8)
+from unimedvl_jax.inference.guidance import guidance_branches, guidance_scales, guide_velocity
+from unimedvl_jax.inference.image_generation import (
+    decode_latents,
+    generate_image,
+    guided_velocity,
+    stack_caches,
+    to_uint8,
+)
 from unimedvl_jax.inference.image_tokens import latent_position_ids
-from unimedvl_jax.inference.interleave import (GEN_THINK_SYSTEM_PROMPT, build_contexts, edit_image, prepare_image,
-                                               text_to_image)
+from unimedvl_jax.inference.interleave import (
+    GEN_THINK_SYSTEM_PROMPT,
+    build_contexts,
+    edit_image,
+    prepare_image,
+    text_to_image,
+)
 from unimedvl_jax.interop.checkpoint_import import import_official
 from unimedvl_jax.interop.official_config import model_config_from_official
 

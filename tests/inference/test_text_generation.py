@@ -11,8 +11,8 @@ from unimedvl_jax.inference import decoding, kv_cache
 from unimedvl_jax.inference.context import Context
 from unimedvl_jax.inference.sampling import sample_token, top_p_mask
 from unimedvl_jax.inference.text_generation import ImageSegment, TextSegment, generate, prefill, prompt_length
-from unimedvl_jax.patches import patchify
 from unimedvl_jax.models.unimedvl import UniMedVL
+from unimedvl_jax.patches import patchify
 from unimedvl_jax.testing import Text, VitImage, build_packed_batch, small_model_config
 
 CFG = small_model_config()

@@ -100,6 +100,7 @@ def test_training_forward_bf16_close(official_dir, manifest):
     """bf16 params + compute vs the official bf16 run: loose tolerance (different rounding points,
     docs/quirks.md §9.9)."""
     import ml_collections
+
     from unimedvl_jax.interop.official_config import model_config_from_official
 
     cfg = model_config_from_official(official_dir / "tiny_ckpt")

@@ -13,8 +13,8 @@ from unimedvl_jax import config as C
 from unimedvl_jax.interop.official_batch import official_to_packed_batch
 from unimedvl_jax.interop.safetensors_io import SafetensorsReader
 from unimedvl_jax.models.attention import TokenMeta, allowed, packed_attention
-from unimedvl_jax.testing import Text, VaeImage, VitImage, build_packed_batch
 from unimedvl_jax.packed_batch import CAUSAL, FULL, NOISE
+from unimedvl_jax.testing import Text, VaeImage, VitImage, build_packed_batch
 
 TRAIN_FIXTURES = ["train_mixed_fp32", "train_vqa_t2i_fp32", "train_t2i_fp32"]
 

@@ -16,8 +16,8 @@ from flax import nnx
 from unimedvl_jax.config import llm_config
 from unimedvl_jax.models.attention import TokenMeta, packed_attention
 from unimedvl_jax.models.llm import Qwen2ForCausalLM
-from unimedvl_jax.testing import param_dict
 from unimedvl_jax.packed_batch import CAUSAL, FULL, NOISE
+from unimedvl_jax.testing import param_dict
 
 TOL = 1e-4  # parity with HF (fp32)
 SAME_TOL = 1e-6  # our own paths against each other
@@ -113,7 +113,8 @@ def _hf_logits(hf_model, samples):
 
 @pytest.fixture(scope="module")
 def qwen2_pair():
-    from transformers import Qwen2Config, Qwen2ForCausalLM as HFQwen2
+    from transformers import Qwen2Config
+    from transformers import Qwen2ForCausalLM as HFQwen2
 
     hf_cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
                          num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, hidden_act="silu",
@@ -130,7 +131,8 @@ def qwen2_pair():
 def qwen3_pair():
     """HF Qwen3 = Qwen2 + per-head q/k RMSNorm before RoPE; with attention_bias it also has q/k/v biases (ours) and an
     o_proj bias (not ours, zeroed here and not loaded)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM as HFQwen3
+    from transformers import Qwen3Config
+    from transformers import Qwen3ForCausalLM as HFQwen3
 
     hf_cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
                          num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS,

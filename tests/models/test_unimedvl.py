@@ -12,8 +12,7 @@ from unimedvl_jax.models.attention import TokenMeta
 from unimedvl_jax.models.layers import rope_cos_sin
 from unimedvl_jax.models.unimedvl import UniMedVL, packed_loss
 from unimedvl_jax.packed_batch import NOISE, PAD, TEXT, VAE, VIT
-from unimedvl_jax.testing import Text, VaeImage, VitImage, build_packed_batch
-from unimedvl_jax.testing import small_model_config
+from unimedvl_jax.testing import Text, VaeImage, VitImage, build_packed_batch, small_model_config
 
 EXPERT_SUFFIXES = ("", "_moe_gen")  # und, gen (docs/model.md §1.5)
 

@@ -7,30 +7,36 @@
                  changes no result)
 Everything else (flags, errors, exit status) is unimedvl-train's."""
 
+import sys
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from unimedvl_jax import train_cli
 from unimedvl_jax.train.loop import TrainHooks
 
-_POISON = flags.DEFINE_list("poison_steps", [], "1-based steps whose batch gets ce_weight = NaN")
-_SLEEP = flags.DEFINE_float("sleep_after_step", 0.0, "seconds to sleep after dispatching each step")
+
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_list("poison_steps", [], "1-based steps whose batch gets ce_weight = NaN", flag_values=fv)
+    flags.DEFINE_float("sleep_after_step", 0.0, "seconds to sleep after dispatching each step", flag_values=fv)
 
 
-def _hooks() -> TrainHooks:
-    poison = {int(s) for s in _POISON.value}
+COMMAND = train_cli.COMMAND.extended(_define, doc=__doc__)
+
+
+def _hooks(args) -> TrainHooks:
+    poison = {int(s) for s in args.poison_steps}
 
     def on_batch(step, local):
         if step + 1 in poison:
             return local.replace(ce_weight=np.full_like(local.ce_weight, np.nan))
         return local
 
-    sleep_s = _SLEEP.value
+    sleep_s = args.sleep_after_step
     return TrainHooks(on_batch=on_batch if poison else None,
                       after_dispatch=(lambda step: time.sleep(sleep_s)) if sleep_s else None)
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: train_cli.run(argv, hooks=_hooks()))
+    sys.exit(COMMAND.run(lambda args: train_cli.run(args, hooks=_hooks(args))))

@@ -23,12 +23,11 @@ import optax
 import pytest
 from flax import nnx
 
-from unimedvl_jax.models.unimedvl import UniMedVL
-from unimedvl_jax.testing import Text, VaeImage, VitImage, build_packed_batch
 from unimedvl_jax.curriculum import curriculum_config
+from unimedvl_jax.models.unimedvl import UniMedVL
+from unimedvl_jax.testing import Text, VaeImage, VitImage, build_packed_batch, small_model_config
 from unimedvl_jax.train.optim_config import optim_config
 from unimedvl_jax.train.step import init_train_state, make_optimizer, make_tables, make_train_step, param_path
-from unimedvl_jax.testing import small_model_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 KEY_SEED = 7

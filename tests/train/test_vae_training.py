@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 from configs import tiny
+from data_pipelines.loader import split_images
 from unimedvl_jax.models.unimedvl import UniMedVL
 from unimedvl_jax.models.vae import AutoEncoder
 from unimedvl_jax.testing import small_model_config
-from data_pipelines.loader import split_images
 from unimedvl_jax.train import vae_checkpoint, vae_config
 from unimedvl_jax.train import vae_training as vt
 

@@ -11,8 +11,8 @@ import re
 import numpy as np
 from PIL import Image
 
-from data_pipelines.schema import decode_image
 from data_pipelines.pipeline import source_records
+from data_pipelines.schema import decode_image
 from data_pipelines.transforms import ImageTransform, patchify_vit
 from unimedvl_jax.inference.text_generation import ImageSegment, TextSegment, generate
 

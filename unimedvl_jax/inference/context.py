@@ -12,8 +12,8 @@ import numpy as np
 from unimedvl_jax.inference.decoding import decode
 from unimedvl_jax.inference.image_tokens import encode_image_tokens, image_token_embeds, latent_position_ids
 from unimedvl_jax.inference.kv_cache import KVCache, append, bucket, empty_cache
-from unimedvl_jax.patches import flattened_position_ids
 from unimedvl_jax.packed_batch import CAUSAL, FULL, TEXT, VIT
+from unimedvl_jax.patches import flattened_position_ids
 
 
 @dataclasses.dataclass

@@ -18,13 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimedvl_jax.inference.guidance import check_guidance, guidance_branches, guidance_scales, guide_velocity
 from unimedvl_jax.inference.flow_sampler import euler_sample, flow_timesteps
+from unimedvl_jax.inference.guidance import check_guidance, guidance_branches, guidance_scales, guide_velocity
 from unimedvl_jax.inference.image_tokens import image_token_embeds, latent_grid, latent_position_ids
 from unimedvl_jax.inference.kv_cache import KVCache, append_chunk, empty_cache
 from unimedvl_jax.inference.precision import rounding_to
-from unimedvl_jax.patches import unpatchify_latent
 from unimedvl_jax.packed_batch import FULL
+from unimedvl_jax.patches import unpatchify_latent
+
 
 class GuidanceContexts(NamedTuple):
     """The conditional context and the text- / image-unconditional ones (None where never needed)."""

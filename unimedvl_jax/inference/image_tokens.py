@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimedvl_jax.patches import flattened_position_ids, patchify_latent
 from unimedvl_jax.packed_batch import TEXT, VAE
+from unimedvl_jax.patches import flattened_position_ids, patchify_latent
 
 
 def latent_downsample(model) -> int:

@@ -21,7 +21,12 @@ import pathlib
 
 import numpy as np
 
+from data_pipelines import dicom
 from data_pipelines.transforms import ImageTransform
+from unimedvl_jax.inference.interleave import GEN_VAE_TRANSFORM, GEN_VIT_TRANSFORM
+from unimedvl_jax.interop.checkpoint_import import import_official
+from unimedvl_jax.interop.params_checkpoint import load_params_checkpoint
+from unimedvl_jax.tokenizers import load_tokenizer
 
 
 @dataclasses.dataclass
@@ -49,21 +54,15 @@ def _run_transforms(run_config: pathlib.Path):
 
 
 def _official_transforms():
-    from unimedvl_jax.inference.interleave import GEN_VAE_TRANSFORM, GEN_VIT_TRANSFORM
-
     return GEN_VIT_TRANSFORM, GEN_VAE_TRANSFORM, (1024, 1024)
 
 
 def load_for_inference(checkpoint, *, tokenizer=None, weights: str = "ema") -> InferenceModel:
     """Model + tokenizer + transforms for a workdir, params checkpoint or official directory (module docstring)."""
-    from unimedvl_jax.tokenizers import load_tokenizer
-
     path = pathlib.Path(os.fspath(checkpoint)).resolve()
     if not path.is_dir():
         raise FileNotFoundError(f"--checkpoint {path}: no such directory")
     if (path / "llm_config.json").is_file():
-        from unimedvl_jax.interop.checkpoint_import import import_official
-
         model, cfg, _ = import_official(path)
         vit, vae, size = _official_transforms()
         tok = load_tokenizer(tokenizer or path)
@@ -77,8 +76,6 @@ def load_for_inference(checkpoint, *, tokenizer=None, weights: str = "ema") -> I
         raise FileNotFoundError(f"--checkpoint {path}: not a training workdir (final/config.json), a params "
                                 f"checkpoint (config.json + params/ or ema/) or an official directory "
                                 f"(llm_config.json){hint}")
-    from unimedvl_jax.interop.params_checkpoint import load_params_checkpoint
-
     model, cfg = load_params_checkpoint(params_dir, weights=weights)
     vit, vae, size = _run_transforms(workdir / "config.json") or _official_transforms()
     tok_path = tokenizer or workdir / "tokenizer"
@@ -89,8 +86,6 @@ def load_for_inference(checkpoint, *, tokenizer=None, weights: str = "ema") -> I
 
 def read_input_image(path, *, slice_index: int | None = None, axis: str = "axial", frame: int = 0) -> np.ndarray:
     """uint8 (H, W, 3) image from a PNG / JPEG / DICOM (frame) / NIfTI (slice, default the middle one) file."""
-    from data_pipelines import dicom
-
     path = pathlib.Path(os.fspath(path))
     if not path.is_file():
         raise FileNotFoundError(f"--image {path}: no such file")

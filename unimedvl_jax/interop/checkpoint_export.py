@@ -19,12 +19,12 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from unimedvl_jax.interop.name_map import AE_FILE, EMA_FILE, TO_OFFICIAL, build_name_map
 from unimedvl_jax.interop.official_config import VAE_PARAM_KEYS, VIT_LAYERS_DROPPED
 from unimedvl_jax.interop.safetensors_io import write_streaming
 from unimedvl_jax.models.bridges import PositionTable
-from jax.experimental import multihost_utils
 
 EXPORT_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",

@@ -19,6 +19,7 @@ from unimedvl_jax.interop.name_map import AE_FILE, EMA_FILE, FROM_OFFICIAL, Name
 from unimedvl_jax.interop.official_config import model_config_from_official
 from unimedvl_jax.interop.safetensors_io import SafetensorsReader
 from unimedvl_jax.models.layers import dtype_of
+from unimedvl_jax.models.unimedvl import UniMedVL
 
 # Keys the released snapshot may carry beyond the 1223 of docs/model.md §2.1: UniMedVL's optional `vae_model.*` copy of
 # the autoencoder inside ema.safetensors (docs/model.md §2.1 UNVERIFIED, docs/quirks.md §9.14). Skipped only with
@@ -73,11 +74,11 @@ def import_official(ckpt_dir, *, cfg=None, weights_file: str = EMA_FILE, allow_o
     cfg: explicit model config (default: read from the JSON files). weights_file: 'ema.safetensors' (default) or
     'model.safetensors'. place(entry, array) puts one tensor on its device/sharding (default: jnp.asarray).
     """
-    from unimedvl_jax.models.unimedvl import UniMedVL
-
     cfg = cfg if cfg is not None else model_config_from_official(ckpt_dir)
     param_dtype = dtype_of(cfg.param_dtype)
-    abstract = nnx.eval_shape(lambda: UniMedVL(cfg, rngs=nnx.Rngs(0)))
+    # Tensors are placed by `place`, not at variable creation: independent of the caller's eager-sharding mode.
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: UniMedVL(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     entries = build_name_map(abstract)
     files = {EMA_FILE: os.path.join(ckpt_dir, weights_file), AE_FILE: os.path.join(ckpt_dir, AE_FILE)}

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from unimedvl_jax.packed_batch import PAD, SPLIT_MODES, TEXT, VAE, VIT, PackedBatch
 from unimedvl_jax.patches import grid_rows_cols
-from unimedvl_jax.packed_batch import PAD, PackedBatch, SPLIT_MODES, TEXT, VAE, VIT
 
 
 def _i(x):

@@ -18,6 +18,7 @@ from flax import nnx
 
 from unimedvl_jax.config import validate_model_config
 from unimedvl_jax.models.bridges import PositionTable
+from unimedvl_jax.models.unimedvl import UniMedVL
 
 WEIGHT_ITEMS = ("params", "ema")
 
@@ -60,8 +61,6 @@ def available_weights(path) -> list[str]:
 
 def load_params_checkpoint(path, *, weights: str = "ema"):
     """(model, cfg) from a params checkpoint; weights='ema' falls back to raw params when no EMA was saved."""
-    from unimedvl_jax.models.unimedvl import UniMedVL
-
     path = os.path.abspath(os.fspath(path))
     cfg = load_params_config(path)
     have = available_weights(path)
@@ -70,7 +69,9 @@ def load_params_checkpoint(path, *, weights: str = "ema"):
     item = weights if weights in have else ("params" if weights == "ema" and "params" in have else None)
     if item is None:
         raise FileNotFoundError(f"{path}: no {weights!r} weights (has {have})")
-    abstract = nnx.eval_shape(lambda: UniMedVL(cfg, rngs=nnx.Rngs(0)))
+    # Weights are placed by the restore, not at variable creation: independent of the caller's eager-sharding mode.
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: UniMedVL(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     device = jax.devices()[0]
     target = jax.tree.map(

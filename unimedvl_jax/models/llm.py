@@ -13,8 +13,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unimedvl_jax.models.attention import TokenMeta, packed_attention
-from unimedvl_jax.models.layers import (Embed, Linear, RMSNorm, SwiGLU, apply_rope, dtype_of, normal_init, param_keys,
-                                        rope_cos_sin)
+from unimedvl_jax.models.layers import (
+    Embed,
+    Linear,
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    dtype_of,
+    normal_init,
+    param_keys,
+    rope_cos_sin,
+)
 from unimedvl_jax.models.routing import apply_experts, gather_tokens, scatter_tokens
 
 GEN_SUFFIX = "_moe_gen"

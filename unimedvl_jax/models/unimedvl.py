@@ -9,8 +9,7 @@ from flax import nnx, struct
 
 from unimedvl_jax.config import validate_model_config
 from unimedvl_jax.models.attention import TokenMeta
-from unimedvl_jax.models.bridges import (PositionEmbedding, TimestepEmbedder, patchify_latent_tokens,
-                                         shift_timestep)
+from unimedvl_jax.models.bridges import PositionEmbedding, TimestepEmbedder, patchify_latent_tokens, shift_timestep
 from unimedvl_jax.models.layers import GeluMLP, Linear, constant_init, dtype_of, param_keys
 from unimedvl_jax.models.llm import Qwen2ForCausalLM
 from unimedvl_jax.models.vae import AutoEncoder

@@ -24,9 +24,9 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from unimedvl_jax.curriculum import StageSchedule
 from unimedvl_jax.models.unimedvl import loss_counts, packed_loss
 from unimedvl_jax.packed_batch import PackedBatch
-from unimedvl_jax.curriculum import StageSchedule
 
 
 @struct.dataclass
