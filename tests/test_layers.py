@@ -22,7 +22,7 @@ LAYERS = [
     (3, "testing", ("unimedvl_jax.testing",)),
     (4, "eval", ("unimedvl_jax.eval",)),
     (5, "cli", ("unimedvl_jax.cli", "unimedvl_jax.train_cli", "unimedvl_jax.train_vae_cli",
-                "unimedvl_jax.inference_cli", "unimedvl_jax.demo", "unimedvl_jax.entry_point",
+                "unimedvl_jax.inference_cli", "unimedvl_jax.eval_cli", "unimedvl_jax.demo", "unimedvl_jax.entry_point",
                 "unimedvl_jax.flags_help", "data_pipelines.build")),
     (6, "configs", ("configs",)),
 ]

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from unimedvl_jax.inference.kv_cache import append_chunk
+from unimedvl_jax.inference.row_sharding import RowSharding
 from unimedvl_jax.inference.sampling import check_sampling, sample_token
 from unimedvl_jax.packed_batch import CAUSAL, TEXT
 
@@ -75,31 +76,44 @@ class Decoded:
 
 
 def decode(contexts: Sequence, max_length: int, *, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-           return_logits: bool = False) -> Decoded:
+           return_logits: bool = False, rows: int | None = None, row_sharding: RowSharding | None = None) -> Decoded:
     """docs/inference.md §5.2 for each context (same model and cache size): feed <|im_start|>, then chosen tokens, until
     a row's newly predicted token is <|im_end|> (not kept) or it has run max_length steps (the start token is step 1).
 
     The contexts are not modified. Sampling is deterministic given the seed and the row's index in the batch.
+    rows: decode this many rows (≥ len(contexts)); the extra rows are inactive copies of the first context, so a
+    short last batch reuses the compiled step. row_sharding: split the rows over its devices (the row count must
+    split evenly; the contexts were built on its models) and decode with its replicated model.
     """
     if not contexts:
         raise ValueError("decode needs at least one context")
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1 (the start token is step 1), got {max_length}")
     check_sampling(temperature, top_p)
-    model, max_len = contexts[0].model, contexts[0].cache.max_len
+    batch = len(contexts)
+    rows = batch if rows is None else rows
+    if rows < batch:
+        raise ValueError(f"rows={rows} is fewer than the {batch} contexts")
+    max_len = contexts[0].cache.max_len
+    models = (contexts[0].model,) if row_sharding is None else (row_sharding.model, *row_sharding.device_models)
     for i, ctx in enumerate(contexts):
-        if ctx.model is not model or ctx.cache.max_len != max_len:
-            raise ValueError(f"context {i}: all contexts must share one model and one cache size ({max_len})")
+        if not any(ctx.model is m for m in models) or ctx.cache.max_len != max_len:
+            raise ValueError(f"context {i}: all contexts must share one model and one cache size ({max_len})"
+                             + ("" if row_sharding is None else " (built on the row sharding's models)"))
         if ctx.kv_len + max_length > max_len:
             raise ValueError(f"context {i}: {ctx.kv_len} cached + {max_length} generated tokens > max_len "
                              f"{max_len}")
+    model = models[0]
     st = model.cfg.special_tokens
-    batch = len(contexts)
+    padded = list(contexts) + [contexts[0]] * (rows - batch)
     # A fresh stacked copy: the step donates it, the contexts keep their own caches.
-    cache = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(ctx.cache for ctx in contexts))
-    ropes = np.asarray([ctx.rope for ctx in contexts], np.int32)
-    tokens = np.full(batch, st.bos_token_id, np.int32)
-    active = np.ones(batch, bool)
+    if row_sharding is None:
+        cache = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(ctx.cache for ctx in padded))
+    else:
+        cache = row_sharding.stack(ctx.cache for ctx in padded)
+    ropes = np.asarray([ctx.rope for ctx in padded], np.int32)
+    tokens = np.full(rows, st.bos_token_id, np.int32)
+    active = np.arange(rows) < batch
     ids = [[st.bos_token_id] for _ in range(batch)]
     logits = [[] for _ in range(batch)]
     key = jax.random.key(seed)
@@ -121,4 +135,4 @@ def decode(contexts: Sequence, max_length: int, *, temperature: float = 0.0, top
         if not active.any():
             break
         tokens = chosen
-    return Decoded(ids, [np.stack(rows) for rows in logits] if return_logits else None)
+    return Decoded(ids, [np.stack(steps) for steps in logits] if return_logits else None)

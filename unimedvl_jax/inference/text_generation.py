@@ -15,6 +15,7 @@ import numpy as np
 from unimedvl_jax.inference.context import Context
 from unimedvl_jax.inference.decoding import decode
 from unimedvl_jax.inference.kv_cache import bucket
+from unimedvl_jax.inference.row_sharding import RowSharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +61,15 @@ def prefill(model, prompt: Sequence[Segment], max_len: int) -> Context:
 
 
 def generate(model, prompts: Sequence[Sequence[Segment]], max_new_tokens: int, *, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, max_len: int | None = None) -> list[list[int]]:
+             top_p: float = 1.0, seed: int = 0, max_len: int | None = None, rows: int | None = None,
+             row_sharding: RowSharding | None = None) -> list[list[int]]:
     """Generated token ids per prompt, without the start token and the stop token <|im_end|>.
 
     Greedy when temperature is 0, else temperature + top-p sampling, deterministic given the seed. Each row
     stops at <|im_end|> or after max_new_tokens tokens. max_len is the cache size; by default the next power
     of two ≥ 256 that fits the longest prompt, so prompts of different lengths share one compiled step.
+    rows / row_sharding: as decoding.decode (a fixed row count; rows split over devices, each prompt prefilled on
+    the device that holds its row).
     """
     if not prompts:
         raise ValueError("generate needs at least one prompt")
@@ -76,8 +80,13 @@ def generate(model, prompts: Sequence[Sequence[Segment]], max_new_tokens: int, *
         max_len = bucket(needed, minimum=256)
     elif max_len < needed:
         raise ValueError(f"max_len={max_len} is smaller than the {needed} slots the longest prompt needs")
-    contexts = [prefill(model, p, max_len) for p in prompts]
+    if row_sharding is None:
+        contexts = [prefill(model, p, max_len) for p in prompts]
+    else:
+        rows = row_sharding.rows(len(prompts) if rows is None else rows)
+        contexts = [prefill(row_sharding.model_for_row(i, rows), p, max_len) for i, p in enumerate(prompts)]
     # docs/inference.md §5.2 counts the start token as step 1, so max_new_tokens new tokens take max_new_tokens + 1
     # steps.
-    out = decode(contexts, max_new_tokens + 1, temperature=temperature, top_p=top_p, seed=seed)
+    out = decode(contexts, max_new_tokens + 1, temperature=temperature, top_p=top_p, seed=seed, rows=rows,
+                 row_sharding=row_sharding)
     return [ids[1:] for ids in out.ids]

@@ -73,7 +73,7 @@ def load_params_checkpoint(path, *, weights: str = "ema"):
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: UniMedVL(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]  # this process's own (jax.devices()[0] belongs to process 0)
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
         state)
