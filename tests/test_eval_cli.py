@@ -13,9 +13,8 @@ import pytest
 from PIL import Image
 
 from unimedvl_jax import entry_point, eval_cli
-from unimedvl_jax.data_config import data_config
 from unimedvl_jax.eval.results_store import read_results
-from unimedvl_jax.testing import save_inference_workdir, small_model_config
+from unimedvl_jax.testing import save_small_inference_workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUESTIONS = ["What imaging modality is this?", "Is this a CT scan?", "Which plane is this slice?",
@@ -26,12 +25,7 @@ N_RECORDS = 7  # understanding records of the test split, 2 questions each → 1
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    cfg = small_model_config()
-    cfg.llm.vocab_size = 1024
-    cfg.special_tokens.update(dict(bos_token_id=1000, eos_token_id=1001, start_of_image=1002, end_of_image=1003))
-    data = data_config(vit_transform=dict(max_size=56, min_size=28, stride=14),
-                       vae_transform=dict(max_size=32, min_size=16, stride=4), vae_image_size=(16, 24))
-    return save_inference_workdir(tmp_path_factory.mktemp("evalcli") / "run", cfg, data, CORPUS)
+    return save_small_inference_workdir(tmp_path_factory.mktemp("evalcli") / "run", CORPUS)
 
 
 def _png(path, seed, hw):

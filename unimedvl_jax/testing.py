@@ -21,6 +21,7 @@ from flax import nnx
 from data_pipelines.packing import COUNT_BUDGETS, PackBudgets, Packer
 from data_pipelines.sample_plan import PlanBuilder
 from unimedvl_jax import config as C
+from unimedvl_jax.data_config import data_config
 from unimedvl_jax.interop.params_checkpoint import save_params_checkpoint
 from unimedvl_jax.models.unimedvl import UniMedVL
 from unimedvl_jax.tokenizers import SentencePieceTokenizer
@@ -94,6 +95,18 @@ def save_inference_workdir(run, model_cfg, data_cfg, corpus: Sequence[str], *, s
                                  special_ids=dict(model_cfg.special_tokens)).save(run / "tokenizer")
     (run / "config.json").write_text(json.dumps({"data": data_cfg.to_dict()}))
     return run
+
+
+def save_small_inference_workdir(run, corpus: Sequence[str]) -> pathlib.Path:
+    """save_inference_workdir of small_model_config with a 1,024-piece vocabulary (special tokens at 1000-1003),
+    56-pixel ViT and 32-pixel VAE transforms and a 16×24 generation size: the tiny run that inference, loading and
+    evaluation tests share."""
+    cfg = small_model_config()
+    cfg.llm.vocab_size = 1024
+    cfg.special_tokens.update(dict(bos_token_id=1000, eos_token_id=1001, start_of_image=1002, end_of_image=1003))
+    data = data_config(vit_transform=dict(max_size=56, min_size=28, stride=14),
+                       vae_transform=dict(max_size=32, min_size=16, stride=4), vae_image_size=(16, 24))
+    return save_inference_workdir(run, cfg, data, corpus)
 
 
 def _grid(hw, what, limit):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unimedvl_jax.data_config import data_config
 from unimedvl_jax.eval.fid import fid_from_features
 from unimedvl_jax.eval.generation_fid import evaluate_fid, read_fid_data, summarize_fid
 from unimedvl_jax.eval.items import EvalItem
@@ -22,7 +21,7 @@ from unimedvl_jax.eval.runner import answer_items, prompt_length, run_cache_size
 from unimedvl_jax.eval.vqa import answer_image
 from unimedvl_jax.inference.interleave import text_to_image
 from unimedvl_jax.inference.loading import load_for_inference
-from unimedvl_jax.testing import save_inference_workdir, small_model_config
+from unimedvl_jax.testing import save_small_inference_workdir
 
 QUESTIONS = ["What imaging modality is this?", "Is this a CT scan of the chest?", "Which plane is this slice?",
              "Is there an abnormality?"]
@@ -43,12 +42,7 @@ def make_items(n=7):
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    cfg = small_model_config()
-    cfg.llm.vocab_size = 1024
-    cfg.special_tokens.update(dict(bos_token_id=1000, eos_token_id=1001, start_of_image=1002, end_of_image=1003))
-    data = data_config(vit_transform=dict(max_size=56, min_size=28, stride=14),
-                       vae_transform=dict(max_size=32, min_size=16, stride=4), vae_image_size=(16, 24))
-    run = save_inference_workdir(tmp_path_factory.mktemp("eval") / "run", cfg, data, CORPUS)
+    run = save_small_inference_workdir(tmp_path_factory.mktemp("eval") / "run", CORPUS)
     return load_for_inference(run)
 
 

@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from unimedvl_jax.data_config import data_config
-from unimedvl_jax.testing import save_inference_workdir, small_model_config
+from unimedvl_jax.testing import save_small_inference_workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CORPUS = ["What imaging modality is this?", "This is a CT scan of the chest.", "An axial brain MRI slice."] * 30
@@ -37,12 +36,7 @@ print("OK", len(ids[0]), sum(report.loaded.values()))
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    cfg = small_model_config()
-    cfg.llm.vocab_size = 1024
-    cfg.special_tokens.update(dict(bos_token_id=1000, eos_token_id=1001, start_of_image=1002, end_of_image=1003))
-    data = data_config(vit_transform=dict(max_size=56, min_size=28, stride=14),
-                       vae_transform=dict(max_size=32, min_size=16, stride=4), vae_image_size=(16, 24))
-    return save_inference_workdir(tmp_path_factory.mktemp("loading") / "run", cfg, data, CORPUS)
+    return save_small_inference_workdir(tmp_path_factory.mktemp("loading") / "run", CORPUS)
 
 
 def test_loaders_need_no_eager_sharding_setting(workdir, official_dir):
