@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
+
 from unimedvl_jax.interop.params_checkpoint import save_params_checkpoint, weights_state
 
 

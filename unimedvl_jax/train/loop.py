@@ -54,8 +54,16 @@ from unimedvl_jax.tokenizers import Tokenizer
 from unimedvl_jax.train import checkpointing
 from unimedvl_jax.train.loss_plot import plot_loss_curves
 from unimedvl_jax.train.metrics import FlopModel, MetricsLogger
-from unimedvl_jax.train.step import (TrainState, TrainTables, compile_train_step, init_train_state, make_optimizer,
-                                     make_tables, make_train_step, train_state_shardings)
+from unimedvl_jax.train.step import (
+    TrainState,
+    TrainTables,
+    compile_train_step,
+    init_train_state,
+    make_optimizer,
+    make_tables,
+    make_train_step,
+    train_state_shardings,
+)
 from unimedvl_jax.train.train_config import total_steps
 from unimedvl_jax.train.vae_checkpoint import adopt_vae_config, install_vae
 
