@@ -24,6 +24,15 @@ message does not name the coordinator. So:
     kind of message to stderr and ends the process with exit status INIT_TIMEOUT_EXIT (a blocked C++ call cannot
     be interrupted from Python). JAX's own timeout is set later than the watchdog's.
 
+Lost processes: once joined, every process runs a heartbeat thread (_Heartbeat) that publishes a counter in the
+coordination service's key-value store every UNIMEDVL_HEARTBEAT_TIMEOUT/10 seconds (at most 5 s). Process 0 watches
+every other process's counter, the others watch process 0's. A counter that has not moved for
+UNIMEDVL_HEARTBEAT_TIMEOUT seconds (default 60), a coordinator that cannot be reached for as long, or a process that
+reported a failure (leave_job) ends this process with exit status LOST_PROCESS_EXIT and one line naming the
+missing process, even while the main thread is blocked in a collective that will never complete (a collective
+with a dead peer hangs, or fails with a transport error: train/loop.py then waits for this verdict). JAX's own
+heartbeat timeout is set later than ours: it would abort the process with a C++ fatal error instead.
+
 Roles after initialisation: process 0 owns console logging, TensorBoard, metrics.jsonl and the checkpoint
 metadata; every process writes its own array shards of each orbax checkpoint (`ocdbt.process_<i>/`) and feeds
 only its addressable devices (train/loop.py).
@@ -31,6 +40,7 @@ only its addressable devices (train/loop.py).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
@@ -47,7 +57,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 300.0
 INIT_TIMEOUT_EXIT = 3       # exit status of a process whose initialisation timed out in the watchdog
-_JAX_TIMEOUT_GRACE_S = 60   # JAX's own (fatal) timeout fires this much later than the watchdog
+LOST_PROCESS_EXIT = 6       # exit status of a process that stopped because another process of the job was lost
+DEFAULT_HEARTBEAT_TIMEOUT_S = 60.0
+_JAX_TIMEOUT_GRACE_S = 60   # JAX's own (fatal) timeouts fire this much later than our watchdogs
+_HEARTBEAT_KEY = "unimedvl/heartbeat"
 MODES = ("auto", "off", "env", "slurm", "tpu")
 
 
@@ -264,18 +277,28 @@ def detect(env=None) -> ClusterSpec:
     return ClusterSpec("single")
 
 
-def timeout_from_env(env=None) -> float:
-    env = os.environ if env is None else env
-    text = env.get("UNIMEDVL_INIT_TIMEOUT")
+def _seconds_from_env(env, name: str, default: float) -> float:
+    text = env.get(name)
     if not text:
-        return DEFAULT_TIMEOUT_S
+        return default
     try:
         value = float(text)
     except ValueError:
-        raise DistributedInitError(f"UNIMEDVL_INIT_TIMEOUT={text!r} is not a number of seconds") from None
+        raise DistributedInitError(f"{name}={text!r} is not a number of seconds") from None
     if value <= 0:
-        raise DistributedInitError(f"UNIMEDVL_INIT_TIMEOUT must be > 0, got {value}")
+        raise DistributedInitError(f"{name} must be > 0, got {value}")
     return value
+
+
+def timeout_from_env(env=None) -> float:
+    """UNIMEDVL_INIT_TIMEOUT (seconds; default 300)."""
+    return _seconds_from_env(os.environ if env is None else env, "UNIMEDVL_INIT_TIMEOUT", DEFAULT_TIMEOUT_S)
+
+
+def heartbeat_timeout_from_env(env=None) -> float:
+    """UNIMEDVL_HEARTBEAT_TIMEOUT (seconds; default 60): how long a silent process counts as alive."""
+    return _seconds_from_env(os.environ if env is None else env, "UNIMEDVL_HEARTBEAT_TIMEOUT",
+                             DEFAULT_HEARTBEAT_TIMEOUT_S)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -318,7 +341,74 @@ class _Watchdog:
         self._done.set()
 
 
+class _Heartbeat:
+    """Publishes this process's heartbeat and watches its peers' (see module docstring); a lost peer ends this
+    process with LOST_PROCESS_EXIT and one line naming it."""
+
+    def __init__(self, client, process_id: int, num_processes: int, timeout: float, coordinator: str | None):
+        self.client, self.me, self.n, self.timeout = client, process_id, num_processes, timeout
+        self.coordinator = coordinator or "the coordinator"
+        self.interval = min(max(timeout / 10, 0.2), 5.0)
+        self._stop = threading.Event()
+        self._failed = False                 # reported a failure: the marker replaces the counter
+        self._thread = threading.Thread(target=self._run, daemon=True, name="unimedvl-heartbeat")
+        self._thread.start()
+
+    def _watched(self) -> list[int]:
+        return [j for j in range(self.n) if j != self.me] if self.me == 0 else [0]
+
+    def _read(self, j: int) -> str | None:
+        try:
+            return self.client.key_value_try_get(f"{_HEARTBEAT_KEY}/{j}")
+        except Exception:  # noqa: BLE001 - NOT_FOUND before the peer's first beat
+            return None
+
+    def _run(self) -> None:
+        beat, last_contact = 0, time.time()
+        seen = {j: (None, time.time()) for j in self._watched()}
+        while not self._stop.wait(self.interval):
+            beat += 1
+            now = time.time()
+            try:
+                if not self._failed:
+                    self.client.key_value_set(f"{_HEARTBEAT_KEY}/{self.me}", str(beat), allow_overwrite=True)
+                values = {j: self._read(j) for j in seen}
+                last_contact = now
+            except Exception as e:  # noqa: BLE001 - the coordinator is gone (or unreachable)
+                if now - last_contact > self.timeout:
+                    first = next((x for x in str(e).splitlines() if x.strip()), type(e).__name__)
+                    self._lost(f"lost contact with the coordinator (process 0 at {self.coordinator}) for "
+                               f"{now - last_contact:.0f} s ({first.strip()[:200]})")
+                continue
+            for j, value in values.items():
+                if value is not None and value.startswith("failed:"):
+                    self._lost(f"process {j} of {self.n} failed:{value[len('failed:'):]}")
+                if value != seen[j][0]:
+                    seen[j] = (value, now)
+            stale = [j for j, (_, since) in seen.items() if now - since > self.timeout]
+            if stale:
+                who = ", ".join(str(j) for j in stale)
+                self._lost(f"process {who} of {self.n} stopped sending heartbeats (none for "
+                           f"{now - min(seen[j][1] for j in stale):.0f} s): killed, crashed or its host is gone")
+
+    def _lost(self, why: str) -> None:
+        sys.stdout.flush()
+        sys.stderr.write(f"unimedvl: error: {why}; process {self.me} stops too (UNIMEDVL_HEARTBEAT_TIMEOUT="
+                         f"{self.timeout:g} s). Rerun the job: it resumes from the last checkpoint.\n")
+        sys.stderr.flush()
+        os._exit(LOST_PROCESS_EXIT)
+
+    def report_failure(self, message: str) -> None:
+        """Tell the peers this process is failing (they stop at once, naming it); keep watching them."""
+        self._failed = True
+        try:
+            self.client.key_value_set(f"{_HEARTBEAT_KEY}/{self.me}", "failed: " + message, allow_overwrite=True)
+        except Exception:  # noqa: BLE001 - the coordinator is gone: the peers find out by the timeout
+            pass
+
+
 _INITIALIZED: ClusterSpec | None = None
+_HEARTBEAT: _Heartbeat | None = None
 
 
 def initialize(*, timeout_s: float | None = None, env=None) -> ClusterSpec:
@@ -328,7 +418,7 @@ def initialize(*, timeout_s: float | None = None, env=None) -> ClusterSpec:
     process id and count are JAX's after initialisation). Raises DistributedInitError on inconsistent settings or
     an unreachable coordinator; a handshake that does not complete within the timeout ends the process with
     status INIT_TIMEOUT_EXIT and a message naming the coordinator, process id and timeout."""
-    global _INITIALIZED
+    global _INITIALIZED, _HEARTBEAT
     if _INITIALIZED is not None:
         return _INITIALIZED
     env = os.environ if env is None else env
@@ -337,15 +427,17 @@ def initialize(*, timeout_s: float | None = None, env=None) -> ClusterSpec:
         _INITIALIZED = spec
         return spec
     timeout = float(timeout_s) if timeout_s is not None else timeout_from_env(env)
+    heartbeat_timeout = heartbeat_timeout_from_env(env)
     deadline = time.time() + timeout
     jax_timeout = int(timeout) + _JAX_TIMEOUT_GRACE_S
+    jax_heartbeat = int(heartbeat_timeout) + _JAX_TIMEOUT_GRACE_S
     if spec.kind == "tpu":
         what = f"TPU process ({spec.detail})"
         watchdog = _Watchdog(timeout, f"{what}: JAX distributed initialisation did not complete within "
                                       f"{timeout:g} s (UNIMEDVL_INIT_TIMEOUT); did every TPU worker start the "
                                       f"trainer (`--worker=all`)?")
         try:
-            jax.distributed.initialize(initialization_timeout=jax_timeout)
+            jax.distributed.initialize(initialization_timeout=jax_timeout, heartbeat_timeout_seconds=jax_heartbeat)
         finally:
             watchdog.cancel()
         spec = dataclasses.replace(spec, num_processes=jax.process_count(), process_id=jax.process_index(),
@@ -368,12 +460,38 @@ def initialize(*, timeout_s: float | None = None, env=None) -> ClusterSpec:
         try:
             jax.distributed.initialize(spec.coordinator_address, spec.num_processes, spec.process_id,
                                        list(spec.local_device_ids) if spec.local_device_ids is not None else None,
-                                       cluster_detection_method="deactivate", initialization_timeout=jax_timeout)
+                                       cluster_detection_method="deactivate", initialization_timeout=jax_timeout,
+                                       heartbeat_timeout_seconds=jax_heartbeat)
         finally:
             watchdog.cancel()
     log.info("JAX distributed: %s", spec.describe())
+    _HEARTBEAT = _Heartbeat(_global_state().client, jax.process_index(), jax.process_count(), heartbeat_timeout,
+                            spec.coordinator_address)
     _INITIALIZED = spec
     return spec
+
+
+def await_lost_peer() -> None:
+    """Give the heartbeat watcher the time to find a lost process (it then ends this process, naming it): for an
+    error of a collective, which is what a dead peer looks like from here. A no-op with one process."""
+    if _HEARTBEAT is not None:
+        time.sleep(_HEARTBEAT.timeout + 2 * _HEARTBEAT.interval + 1)
+
+
+def leave_job(message: str, exit_status: int) -> None:
+    """This process is failing with `message`: tell the other processes (they stop at once, naming it) and make
+    the exit skip JAX's shutdown barrier (which would wait for the peers, stuck in a collective or gone, and
+    then abort) by ending with `exit_status` right after the other exit handlers. A no-op with one process."""
+    if _HEARTBEAT is None:
+        return
+    _HEARTBEAT.report_failure(" ".join(message.split())[:500])
+
+    def leave() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_status)
+
+    atexit.register(leave)  # atexit runs last-registered first: before JAX's distributed shutdown
 
 
 def _global_state():

@@ -11,8 +11,12 @@
 * Multi-process (launch/, unimedvl_jax/distributed.py): process 0 writes the console, TensorBoard,
   metrics.jsonl, config.json and checkpoint metadata; every process writes its checkpoint array shards.
 * Checkpoints (train/checkpointing.py): every train.checkpoint_every steps, on SIGTERM (finish the current step,
-  save, wait for the async save, return normally → exit 0) and at the end. On start the latest checkpoint in
-  <workdir>/checkpoints is restored (TrainState onto the current mesh, data iterator state) and training continues.
+  save, wait for the async save, return normally → exit 0) and at the end. On start the newest intact checkpoint
+  in <workdir>/checkpoints (or train.restore_step) is verified and restored (TrainState onto the current mesh, data
+  iterator state) and training continues; a damaged one is moved aside (train.on_corrupt_checkpoint=fallback) or
+  stops the run (=fail). Metrics rows of steps after the restored one move to metrics.abandoned.jsonl
+  (train/metrics_history.py). A save that fails in the background stops the run by the next step with
+  CheckpointSaveError; at start a warning says when the disk cannot hold the checkpoints the run will keep.
 * Non-finite guard: the step skips non-finite updates and counts them; when consecutive_skipped reaches
   train.max_consecutive_nonfinite the loop stops with NonFiniteError naming the step and the loss terms.
 * Metrics (train/metrics.py): per-step JSONL rows (incl. the record ids each pack consumed), clu-aggregated
@@ -20,6 +24,9 @@
 * Steps are dispatched asynchronously; a step's metrics are fetched after the next step is dispatched (one step
   in flight), and always before a checkpoint is written.
 * At the end (train.write_final): <workdir>/final/ params checkpoint for `unimedvl-export`.
+* With several processes, a process whose `train` fails tells the others (distributed.leave_job), which then
+  stop at once instead of waiting in a collective for it; a failed collective (what a dead peer looks like) first
+  waits for the heartbeat watcher to name the lost process (distributed.py, exit status 6).
 
 `train` runs five named stages, each a function with one job: prepare the data and tokenizer → build the model
 and the train state's layout → restore (or initialise) the state → run the loop → finish (final/ params, loss
@@ -51,7 +58,7 @@ from unimedvl_jax.curriculum import StageSchedule
 from unimedvl_jax.models.unimedvl import UniMedVL
 from unimedvl_jax.packed_batch import PackedBatch
 from unimedvl_jax.tokenizers import Tokenizer
-from unimedvl_jax.train import checkpointing
+from unimedvl_jax.train import checkpoint_faults, checkpointing, metrics_history
 from unimedvl_jax.train.loss_plot import plot_loss_curves
 from unimedvl_jax.train.metrics import FlopModel, MetricsLogger
 from unimedvl_jax.train.step import (
@@ -193,13 +200,30 @@ class DataStream:
 def train(cfg, workdir: str, *, console=print, hooks: TrainHooks | None = None) -> TrainResult:
     """Run (or continue) training of `cfg` in `workdir`; see the module docstring."""
     with _SigtermFlag() as sigterm:  # installed first: a SIGTERM during setup stops after the first step
-        run = _new_run(cfg, workdir, console)
-        tokenizer = prepare_data(run)
-        setup = build_model_and_state(run)
-        start = restore_or_initialise(run, setup)
-        stream = open_data_stream(run, setup, start, tokenizer)
-        state, preempted = run_loop(run, setup, start, stream, sigterm, hooks or TrainHooks())
-        return finish(run, setup, start, state, preempted)
+        try:
+            run = _new_run(cfg, workdir, console)
+            tokenizer = prepare_data(run)
+            setup = build_model_and_state(run)
+            start = restore_or_initialise(run, setup)
+            stream = open_data_stream(run, setup, start, tokenizer)
+            state, preempted = run_loop(run, setup, start, stream, sigterm, hooks or TrainHooks())
+            return finish(run, setup, start, state, preempted)
+        except BaseException as e:
+            _leave_job(e)
+            raise
+
+
+def _leave_job(error: BaseException) -> None:
+    """With several processes: an error of the runtime (a failed collective or barrier is what a dead peer looks
+    like) is first given the time to turn out to be a lost process (the heartbeat watcher then ends this process
+    naming it); then the others are told this process fails."""
+    chain, e = [], error
+    while e is not None and len(chain) < 20:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if any(isinstance(x, (jax.errors.JaxRuntimeError, TimeoutError)) for x in chain):
+        distributed.await_lost_peer()
+    distributed.leave_job(f"{type(error).__name__}: {error}", getattr(error, "exit_status", 1))
 
 
 def _new_run(cfg, workdir: str, console) -> Run:
@@ -253,23 +277,49 @@ def build_model_and_state(run: Run) -> ModelSetup:
 
 
 def restore_or_initialise(run: Run, setup: ModelSetup) -> Start:
-    """The latest checkpoint of <workdir>/checkpoints restored onto this mesh, else a fresh TrainState."""
+    """The newest intact checkpoint of <workdir>/checkpoints (or train.restore_step) restored onto this mesh, else
+    a fresh TrainState; the metrics history rewound to the step training continues from."""
     tcfg = run.cfg.train
+    nbytes = checkpoint_faults.checkpoint_nbytes(setup.abstract_state)
     ckpt = checkpointing.TrainCheckpointer(os.path.join(run.workdir, "checkpoints"), every=tcfg.checkpoint_every,
-                                           keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpointing)
+                                           keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpointing,
+                                           nbytes=nbytes)
+    for name in ckpt.removed_partial:
+        run.say(f"removed the partial checkpoint {os.path.join(ckpt.directory, name)} of an unfinished save")
     params, setup.params = setup.params, None  # the train state takes them over (or the checkpoint replaces them)
-    restored_from = ckpt.latest_step()
-    if restored_from is None:
+    step = int(tcfg.restore_step)
+    restored = ckpt.restore_verified(checkpointing.abstract_target(setup.abstract_state, setup.state_shardings),
+                                     step=None if step < 0 else step, on_corrupt=str(tcfg.on_corrupt_checkpoint))
+    if restored is None:
         state = jax.jit(lambda p: init_train_state(p, setup.tx), out_shardings=setup.state_shardings,
                         donate_argnums=0)(params)
-        return Start(state, ckpt, None, None)
-    del params
-    state, data_item = ckpt.restore(restored_from,
-                                    checkpointing.abstract_target(setup.abstract_state, setup.state_shardings))
-    if int(state.step) != restored_from:
-        raise RuntimeError(f"checkpoint {restored_from} holds TrainState.step={int(state.step)}")
-    run.say(f"restored checkpoint step {restored_from} from {ckpt.directory}")
-    return Start(state, ckpt, restored_from, data_item)
+        start = Start(state, ckpt, None, None)
+    else:
+        del params
+        for note in restored.notes:
+            run.say(f"warning: {note}")
+        run.say(f"restored checkpoint step {restored.step} from {ckpt.directory}")
+        start = Start(restored.state, ckpt, restored.step, restored.data)
+    note = metrics_history.rewind(run.workdir, start.restored_from or 0, jax.process_index())
+    if note:
+        run.say(note)
+    _report_checkpoint_space(run, ckpt, nbytes, start.restored_from or 0)
+    return start
+
+
+def _report_checkpoint_space(run: Run, ckpt: checkpointing.TrainCheckpointer, nbytes: int, first: int) -> None:
+    """One line: a checkpoint's size and the free space; a warning when the kept checkpoints will not fit."""
+    tcfg = run.cfg.train
+    every, keep = max(int(tcfg.checkpoint_every), 1), int(tcfg.keep_checkpoints)
+    saves_left = len(range(first - first % every + every, run.steps_total + 1, every))
+    saves_left += run.steps_total > first and run.steps_total % every != 0  # the final save
+    run.say(f"checkpoints: up to {checkpoint_faults.human(nbytes)} each, keep {keep}; "
+            f"{checkpoint_faults.human(checkpoint_faults.free_bytes(ckpt.directory))} free in {ckpt.directory}")
+    warning = checkpoint_faults.space_warning(ckpt.directory, nbytes, keep=keep,
+                                              existing=len(checkpoint_faults.committed_steps(ckpt.directory)),
+                                              saves_left=int(saves_left))
+    if warning:
+        run.say(f"warning: {warning}")
 
 
 def open_data_stream(run: Run, setup: ModelSetup, start: Start, tokenizer: Tokenizer) -> DataStream:
@@ -379,6 +429,7 @@ def run_loop(run: Run, setup: ModelSetup, start: Start, stream: DataStream, sigt
             f"{run.cfg.train.checkpoint_every}) in {run.workdir}")
     try:
         while step < run.steps_total:
+            ckpt.check()  # a background save that failed stops the run here
             batch, info = feeder.next_batch(step)
             dispatched = time.time()
             state, metrics = train_step(state, batch, key)
@@ -402,8 +453,13 @@ def run_loop(run: Run, setup: ModelSetup, start: Start, stream: DataStream, sigt
         if saved_at != step and save(step):
             saved_at = step
         ckpt.wait()
+    except checkpoint_faults.CheckpointSaveError:
+        raise
     except BaseException:
-        ckpt.wait()  # let an in-flight (good) checkpoint commit before the error propagates
+        try:
+            ckpt.wait()  # let an in-flight (good) checkpoint commit before the error propagates
+        except checkpoint_faults.CheckpointSaveError as save_error:  # reported too, never swallowed
+            run.say(f"warning: {save_error}")
         raise
     finally:
         feeder.logger.close()

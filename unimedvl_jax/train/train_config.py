@@ -6,7 +6,13 @@ train.batch_packs                B: packs per global batch (stacked on a leading
                                  must be divisible by data·fsdp and by the number of JAX processes)
 train.log_every                  console line / TensorBoard / clu aggregation period (steps)
 train.checkpoint_every           orbax save_interval_steps (a checkpoint is also written at the end and on SIGTERM)
-train.keep_checkpoints           orbax max_to_keep
+train.keep_checkpoints           orbax max_to_keep (the disk must hold keep_checkpoints + 1 checkpoints: the run
+                                 warns at start when it cannot)
+train.restore_step               -1 = restore the newest intact checkpoint; N = restore checkpoint N (an error if it
+                                 is missing or damaged; newer checkpoints are moved aside to <step>.abandoned)
+train.on_corrupt_checkpoint      'fallback': a damaged checkpoint (missing commit marker, unreadable array) is moved
+                                 aside to <step>.corrupt and the next older one is restored; 'fail': stop with an
+                                 error naming it (exit status 4)
 train.async_checkpointing        orbax enable_async_checkpointing
 train.max_consecutive_nonfinite  K: stop with an error after K non-finite (skipped) steps in a row
 train.peak_flops                 peak FLOP/s of ONE device, for MFU (0 = unknown: MFU not reported)
@@ -43,6 +49,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         log_every=10,
         checkpoint_every=1000,
         keep_checkpoints=3,
+        restore_step=-1,
+        on_corrupt_checkpoint="fallback",
         async_checkpointing=True,
         max_consecutive_nonfinite=20,
         peak_flops=0.0,
