@@ -170,9 +170,17 @@ def _log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _read_data(read, args, reading: ReadReport, **options) -> list:
+    """The benchmark's items; a data file the reader rejects is a usage error (one `error:` line, exit 2)."""
+    try:
+        return read(args.data, report=reading, **options)
+    except (ValueError, OSError) as e:
+        raise entry_point.UsageError(f"--data {args.data}: {e}") from e
+
+
 def _evaluate_vqa(args, loaded, row_sharding) -> dict:
     reading = ReadReport(strict=args.strict)
-    every = read_benchmark(args.benchmark, args.data, report=reading, **_reader_options(args))
+    every = _read_data(functools.partial(read_benchmark, args.benchmark), args, reading, **_reader_options(args))
     items = every[:args.limit] if args.limit else every
     _log(f"{PROG}: {reading.summary()}; evaluating {len(items)}")
     _record_settings(args)
@@ -194,7 +202,7 @@ def _sampler(args, defaults: dict) -> dict:
 
 def _evaluate_paired(args, loaded) -> dict:
     reading = ReadReport(strict=args.strict)
-    every = read_paired(args.data, report=reading)
+    every = _read_data(read_paired, args, reading)
     items = every[:args.limit] if args.limit else every
     _log(f"{PROG}: {reading.summary()}; evaluating {len(items)}")
     _record_settings(args)
