@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 LAYER_MODULES = ("dense", "moe", "mot")
+ATTENTION_BACKENDS = ("auto", "dense", "chunked", "blocksparse", "splash", "pallas_gpu")
 
 
 def llm_config(**overrides) -> ml_collections.ConfigDict:
@@ -58,7 +59,9 @@ def model_config(*, llm=None, vit=None, vae=None, **overrides) -> ml_collections
         timestep_shift=1.0,
         special_tokens=ml_collections.ConfigDict(dict(
             bos_token_id=151644, eos_token_id=151645, start_of_image=151652, end_of_image=151653)),
-        attention_backend="dense",  # 'dense' (CPU/tests) or 'chunked' (memory-bounded)
+        # 'auto' = the fast backend of the platform (TPU splash, GPU pallas_gpu, else blocksparse); 'dense' is the
+        # reference, 'chunked' the memory-bounded fallback for arbitrary metadata (docs/packed_sequence.md §4.7).
+        attention_backend="auto",
         attention_block_size=512,
         dtype="float32",  # activation/compute dtype
         param_dtype="float32",  # master weight dtype
@@ -85,7 +88,7 @@ def validate_model_config(c: ml_collections.ConfigDict) -> None:
     if c.vae.downsample != 2 ** (len(c.vae.ch_mult) - 1):
         errors.append(f"vae.downsample={c.vae.downsample} must equal 2**(len(ch_mult)-1)="
                       f"{2 ** (len(c.vae.ch_mult) - 1)}")
-    if c.attention_backend not in ("dense", "chunked"):
-        errors.append(f"attention_backend={c.attention_backend!r} not in ('dense', 'chunked')")
+    if c.attention_backend not in ATTENTION_BACKENDS:
+        errors.append(f"attention_backend={c.attention_backend!r} not in {ATTENTION_BACKENDS}")
     if errors:
         raise ValueError("invalid UniMedVL model config:\n  " + "\n  ".join(errors))

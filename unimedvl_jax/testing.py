@@ -227,3 +227,25 @@ def build_packed_batch(samples, cfg_model, *, pad_to: int | None = None, capacit
         rows = np.concatenate(noises)
         noise[: len(rows)] = rows
     return pack.batch, out, noise
+
+
+def random_pack_samples(rng, *, num_samples: int = 3, max_items: int = 4):
+    """Random samples for attention tests: text / ViT / clean VAE / noised VAE items in random order, with an image
+    block opening the first sample and closing the last, so every split kind appears at sample starts and ends."""
+    rng = _rng(rng)
+
+    def image():
+        hw = tuple(int(x) for x in rng.integers(1, 4, size=2))
+        kind = rng.integers(3)
+        return VitImage(hw) if kind == 0 else VaeImage(hw, noised=bool(kind == 2), timestep=0.3)
+
+    samples = []
+    for s in range(num_samples):
+        items = [Text([int(t) for t in rng.integers(1, 50, size=rng.integers(1, 12))]) if rng.random() < 0.5
+                 else image() for _ in range(rng.integers(1, max_items + 1))]
+        if s == 0:
+            items.insert(0, image())
+        if s == num_samples - 1:
+            items.append(image())
+        samples.append(items)
+    return samples

@@ -9,46 +9,21 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
-from unimedvl_jax.packed_batch import CAUSAL, FULL, NOISE
+from unimedvl_jax.config import ATTENTION_BACKENDS
+from unimedvl_jax.models.attention_blocksparse import blocksparse_attention
+from unimedvl_jax.models.attention_mask import MASKED as _MASKED
+from unimedvl_jax.models.attention_mask import TokenMeta, allowed, segment_meta  # noqa: F401 (re-exported)
+from unimedvl_jax.packed_batch import CAUSAL
 
-_MASKED = -1e30  # finite "minus infinity": exp underflows to exactly 0 and fully masked rows stay finite.
-
-
-@struct.dataclass
-class TokenMeta:
-    """Per-token attention metadata: sample (document) id, split id, split mode and sequence index."""
-
-    sample: jax.Array
-    split: jax.Array
-    mode: jax.Array
-    index: jax.Array
-
-    def __getitem__(self, sl):
-        return TokenMeta(self.sample[sl], self.split[sl], self.mode[sl], self.index[sl])
-
-    @property
-    def length(self) -> int:
-        return self.sample.shape[0]
+PLATFORM_BACKENDS = {"tpu": "blocksparse", "gpu": "blocksparse", "cuda": "blocksparse"}
 
 
-def segment_meta(segment_ids) -> TokenMeta:
-    """Metadata for plain bidirectional attention within segments (e.g. one ViT image per segment)."""
-    segment_ids = jnp.asarray(segment_ids, jnp.int32)
-    n = segment_ids.shape[0]
-    return TokenMeta(segment_ids, segment_ids, jnp.full((n,), FULL, jnp.int32), jnp.arange(n, dtype=jnp.int32))
-
-
-def allowed(q: TokenMeta, k: TokenMeta):
-    """Boolean (Tq, Tk) mask of docs/packed_sequence.md §4.3: same sample AND (k<=q OR same full/noise split) AND NOT
-    foreign noise."""
-    same_sample = q.sample[:, None] == k.sample[None, :]
-    same_split = q.split[:, None] == k.split[None, :]
-    causal = k.index[None, :] <= q.index[:, None]
-    bidirectional = same_split & (q.mode[:, None] != CAUSAL)
-    foreign_noise = (k.mode[None, :] == NOISE) & ~same_split
-    return same_sample & (causal | bidirectional) & ~foreign_noise
+def resolve_backend(backend: str) -> str:
+    """The concrete backend for 'auto' on the default JAX platform (docs/packed_sequence.md §4.7); others unchanged."""
+    if backend != "auto":
+        return backend
+    return PLATFORM_BACKENDS.get(jax.default_backend(), "blocksparse")
 
 
 def _group_queries(q, num_kv_heads):
@@ -116,16 +91,19 @@ def _chunked(q, k, v, q_meta, k_meta, scale, block_size):
     return out.reshape(nq * block_size, hq, d)[:tq].astype(q.dtype)
 
 
-def packed_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, backend: str = "dense",
+def packed_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, backend: str = "auto",
                      block_size: int = 128, scale: float | None = None):
     """Softmax attention of q (Tq, Hq, D) over k, v (Tk, Hkv, D) under the docs/packed_sequence.md §4.3 mask; GQA by
     head grouping."""
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} not a multiple of KV heads {k.shape[1]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    backend = resolve_backend(backend)
     if backend == "dense":
         return _dense(q, k, v, q_meta, k_meta, scale)
     if backend == "chunked":
         return _chunked(q, k, v, q_meta, k_meta, scale, block_size)
-    raise ValueError(f"unknown attention backend {backend!r}; expected 'dense' or 'chunked'")
+    if backend == "blocksparse":
+        return blocksparse_attention(q, k, v, q_meta, k_meta, scale=scale, block_size=block_size)
+    raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
 
