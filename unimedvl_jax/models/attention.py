@@ -1,8 +1,10 @@
-"""Packed attention over the UniMedVL mask (docs/packed_sequence.md §4.3), with a dense and a memory-bounded chunked
-backend.
+"""Packed attention over the UniMedVL mask (docs/packed_sequence.md §4.3) and the choice of backend (§4.7).
 
-The mask is never stored: it is recomputed from per-token metadata (sample id, split id, split mode, index),
-so the chunked backend only ever holds one (block × block) tile of scores per head.
+`dense` is the reference (a full Tq × Tk score array); `chunked` is flash-style online softmax over every key block
+(memory-bounded, any metadata); `blocksparse` (attention_blocksparse.py, the CPU default), `splash` (TPU,
+attention_splash.py) and `pallas_gpu` (attention_pallas_gpu.py) visit only the blocks the mask can reach, so their
+cost follows Σ sample_len². `auto` picks the platform's fast backend. The mask is never stored as data: every backend
+recomputes it from per-token metadata (sample id, split id, split mode, index).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from unimedvl_jax.config import ATTENTION_BACKENDS
 from unimedvl_jax.models.attention_blocksparse import blocksparse_attention
 from unimedvl_jax.models.attention_mask import MASKED as _MASKED
 from unimedvl_jax.models.attention_mask import TokenMeta, allowed, segment_meta  # noqa: F401 (re-exported)
+from unimedvl_jax.models.attention_pallas_gpu import pallas_gpu_attention
+from unimedvl_jax.models.attention_splash import splash_attention
 from unimedvl_jax.packed_batch import CAUSAL
 
-PLATFORM_BACKENDS = {"tpu": "blocksparse", "gpu": "blocksparse", "cuda": "blocksparse"}
+PLATFORM_BACKENDS = {"tpu": "splash", "gpu": "pallas_gpu"}
 
 
 def resolve_backend(backend: str) -> str:
@@ -105,5 +109,10 @@ def packed_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, backend: 
         return _chunked(q, k, v, q_meta, k_meta, scale, block_size)
     if backend == "blocksparse":
         return blocksparse_attention(q, k, v, q_meta, k_meta, scale=scale, block_size=block_size)
+    if backend == "splash":  # TPU tiles: a multiple of 128
+        return splash_attention(q, k, v, q_meta, k_meta, scale=scale, block_size=-(-block_size // 128) * 128)
+    if backend == "pallas_gpu":  # Triton tiles: a power of two >= 16
+        return pallas_gpu_attention(q, k, v, q_meta, k_meta, scale=scale,
+                                    block_size=max(16, 1 << (block_size - 1).bit_length()))
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
 
