@@ -30,6 +30,9 @@ RULES = {
 }
 
 
+BATCH_AXES = ("data", "fsdp")  # mesh axes the global batch (packs) is split over
+
+
 def make_mesh(shape, devices=None, *, dcn_shape=None) -> Mesh:
     """Mesh over (data, fsdp, tensor); one entry may be -1 (= the remaining devices). Axis types are Auto.
 
@@ -117,6 +120,6 @@ def shard_model(model, rules, mesh: Mesh):
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of a (batch, ...) input: the batch axis over (data, fsdp), the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 

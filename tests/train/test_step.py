@@ -393,13 +393,35 @@ MESH_SCRIPT = textwrap.dedent("""
                                            for leaf in jax.tree.leaves(state) if leaf.ndim == 0),
                                        "batch_shards": len(gbatch.text_ids.sharding.device_set)}
         print("OK", shape, rules, flush=True)
+
+    # Kernel attention backends (interpret mode here) run per device inside the sharded step (shard_map).
+    kernels = {}
+    for backend in ("splash", "pallas_gpu"):
+        kcfg = T.small_cfg()
+        kcfg.model.attention_backend = backend
+        mesh = make_mesh((2, 4, 1))
+        graphdef, params, rest = nnx.split(shard_model(T.make_model(kcfg), "fsdp", mesh), nnx.Param, ...)
+        tables = make_tables(kcfg, params)
+        tx = make_optimizer(kcfg, tables)
+        shardings = train_state_shardings(init_train_state(params, tx), state_shardings(params, "fsdp", mesh), mesh)
+        state = jax.device_put(init_train_state(params, tx), shardings)
+        batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+        jstep = compile_train_step(make_train_step(graphdef, rest, tx, tables, kcfg), shardings, batch_sharding)
+        losses = []
+        for _ in range(N_STEPS):
+            state, m = jstep(state, jax.device_put(batch, batch_sharding), key)
+            losses.append(float(m["loss"]))
+        kernels[backend] = losses
+        print("OK", backend, flush=True)
+    result["kernels"] = kernels
     print("RESULT", json.dumps(result))
 """)
 
 
 def test_meshes_on_eight_devices_match_one_device():
     """(8,1,1) dp, (2,4,1) fsdp, (2,2,2) fsdp_tensor: per-step losses within 1e-5 relative of one device over 5
-    steps (crossing the stage-0 → stage-1 boundary), with params, moments and EMA really sharded by the rules.
+    steps (crossing the stage-0 → stage-1 boundary), with params, moments and EMA really sharded by the rules; the
+    splash and pallas_gpu kernels (interpret mode) inside the (2,4,1) sharded step give the same losses.
     The subprocess compiles at XLA backend optimisation level 0 (compile time); every run in it uses that level."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
                STEP_TEST_XLA="--xla_backend_optimization_level=0")
@@ -410,6 +432,8 @@ def test_meshes_on_eight_devices_match_one_device():
     result = json.loads(lines[-1][len("RESULT "):])
     ref = np.asarray(result.pop("ref"))
     assert len(ref) == 5 and np.all(np.isfinite(ref))
+    for backend, losses in result.pop("kernels").items():
+        np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=0, err_msg=backend)
     assert len(result) == 3
     for name, r in result.items():
         np.testing.assert_allclose(r["losses"], ref, rtol=1e-5, atol=0, err_msg=name)

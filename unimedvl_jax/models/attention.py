@@ -9,8 +9,11 @@ recomputes it from per-token metadata (sample id, split id, split mode, index).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from unimedvl_jax.config import ATTENTION_BACKENDS
 from unimedvl_jax.models.attention_blocksparse import blocksparse_attention
@@ -28,6 +31,17 @@ def resolve_backend(backend: str) -> str:
     if backend != "auto":
         return backend
     return PLATFORM_BACKENDS.get(jax.default_backend(), "blocksparse")
+
+
+def _per_device(kernel):
+    """A Pallas kernel call made per device: under a multi-device mesh context (the train step traces inside
+    `jax.sharding.use_abstract_mesh`) XLA cannot partition a kernel, so it runs in `jax.shard_map` on whole per-pack
+    operands; the pack axis is split over devices by the enclosing `vmap(..., spmd_axis_name=batch axes)`
+    (docs/packed_sequence.md §4.7)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel
+    return jax.shard_map(kernel, in_specs=PartitionSpec(), out_specs=PartitionSpec(), check_vma=False)
 
 
 def _group_queries(q, num_kv_heads):
@@ -110,9 +124,11 @@ def packed_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, backend: 
     if backend == "blocksparse":
         return blocksparse_attention(q, k, v, q_meta, k_meta, scale=scale, block_size=block_size)
     if backend == "splash":  # TPU tiles: a multiple of 128
-        return splash_attention(q, k, v, q_meta, k_meta, scale=scale, block_size=-(-block_size // 128) * 128)
+        return _per_device(functools.partial(splash_attention, scale=scale, block_size=-(-block_size // 128) * 128))(
+            q, k, v, q_meta, k_meta)
     if backend == "pallas_gpu":  # Triton tiles: a power of two >= 16
-        return pallas_gpu_attention(q, k, v, q_meta, k_meta, scale=scale,
-                                    block_size=max(16, 1 << (block_size - 1).bit_length()))
+        return _per_device(functools.partial(pallas_gpu_attention, scale=scale,
+                                             block_size=max(16, 1 << (block_size - 1).bit_length())))(
+            q, k, v, q_meta, k_meta)
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
 

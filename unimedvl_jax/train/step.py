@@ -27,6 +27,7 @@ from flax import nnx, struct
 from unimedvl_jax.curriculum import StageSchedule
 from unimedvl_jax.models.unimedvl import loss_counts, packed_loss
 from unimedvl_jax.packed_batch import PackedBatch
+from unimedvl_jax.sharding import BATCH_AXES
 
 
 @struct.dataclass
@@ -135,8 +136,15 @@ def train_state_shardings(abstract_state: TrainState, param_shardings, mesh):
 
 
 def compile_train_step(step_fn, state_shardings, batch_sharding):
-    """jax.jit of the step with in/out shardings (pjit semantics) and the old state donated."""
-    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, None),
+    """jax.jit of the step with in/out shardings (pjit semantics) and the old state donated; traced inside the mesh
+    context so that kernel attention backends run per device (docs/packed_sequence.md §4.7)."""
+    mesh = batch_sharding.mesh
+
+    def step_on_mesh(state, batch, key):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step_fn(state, batch, key)
+
+    return jax.jit(step_on_mesh, in_shardings=(state_shardings, batch_sharding, None),
                    out_shardings=(state_shardings, None), donate_argnums=0)
 
 
@@ -185,7 +193,10 @@ def make_train_step(graphdef, rest_state, tx, tables: TrainTables, cfg):
 
     def loss_fn(params, batch: PackedBatch, keys, stage, counts):
         """This (micro-)batch's share of the docs/packed_sequence.md §4.6 loss: the sum of its packs' shares."""
-        loss, (ce, mse) = jax.vmap(pack_loss, in_axes=(None, 0, 0, None, None))(params, batch, keys, stage, counts)
+        # Under a mesh the pack axis is split over the batch axes, also inside per-device kernels (shard_map).
+        spmd = None if jax.sharding.get_abstract_mesh().empty else BATCH_AXES
+        loss, (ce, mse) = jax.vmap(pack_loss, in_axes=(None, 0, 0, None, None), spmd_axis_name=spmd)(
+            params, batch, keys, stage, counts)
         return jnp.sum(loss), (jnp.sum(ce), jnp.sum(mse))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
