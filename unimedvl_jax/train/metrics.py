@@ -29,13 +29,24 @@ Model FLOPs of one step (the usual "6·N·D + attention" estimate, forward + bac
   + 6 · H · V · N_ce                  the LM head, at CE positions only
   + 6 · (N_vit + N_connector) · P     ViT and connector per real ViT patch
   + 6 · N_latent · V_tok              vae2llm, llm2vae and the timestep embedder per real latent token
-  + 6 · L · H · Σ_s n_s²              LLM attention: QKᵀ and AV are 2·2·H FLOPs per (query, key) pair,
-                                      ×3 for fwd+bwd = 12·H, over ≈ n_s²/2 causal pairs per sample s of n_s
-                                      tokens (i.e. 12 · L · H · Σ n_s² / 2)
+  + 12 · L · H · pairs                LLM attention: QKᵀ and AV are 2·2·H FLOPs per (query, key) pair,
+                                      ×3 for fwd+bwd = 12·H per pair
   + 12 · L_vit · H_vit · Σ_i p_i²     ViT attention: full attention over the p_i patches of each image i
+
+`pairs` follows one of ATTENTION_CONVENTIONS:
+  causal   Σ_s n_s²/2 over the real tokens n_s of each sample s (causal-halved per sample; what the trainer logs)
+  mask     the (query, key) pairs the docs/packed_sequence.md §4.3 mask allows between real tokens (mask_pairs):
+           causal text plus full / noise image blocks, minus the noised blocks hidden from later tokens
+  maxtext  T²/2 over the whole pack length T, as a packing-unaware causal-halved count (MaxText's convention)
+  full     T² (and P² for the ViT): every pair the dense and chunked backends compute, masked or not
+
+`capacity=True` counts the linear terms over the static buffers the compiled step runs instead of the real
+tokens: each MoT expert over its routing buffer (C_und + C_gen rows; layers without an expert copy over all T),
+the LM head over C_ce, the ViT over P and the latent bridges over V slots, padding slots included.
 
 The frozen VAE encoder (a forward-only convolution stack), norms and the loss are not counted.
 MFU = model FLOPs per second / (train.peak_flops · number of devices); omitted when train.peak_flops is 0.
+PEAK_BF16_TFLOPS / peak_tflops give the dense bf16 peak of the accelerators we know by device_kind.
 """
 
 # no `from __future__ import annotations`: clu.metrics.Collection reads its field annotations as classes
@@ -50,6 +61,7 @@ import numpy as np
 from clu import metrics as clu_metrics
 from flax import struct
 
+from unimedvl_jax.packed_batch import CAUSAL, NOISE, PAD
 from unimedvl_jax.train.step import param_path
 
 STEP_FIELDS = ("run", "step", "stage", "loss", "ce", "mse", "grad_norm", "lr", "finite", "skipped",
@@ -62,6 +74,50 @@ SUMMARY_FIELDS = ("run", "step", "stage", "lr", "loss", "ce", "mse", "grad_norm"
 # ----------------------------------------------------------------------------------------------------------
 # model FLOPs
 # ----------------------------------------------------------------------------------------------------------
+ATTENTION_CONVENTIONS = ("causal", "mask", "maxtext", "full")
+
+# Dense bf16 peak TFLOP/s of one device, by a lower-cased jax device_kind (exact for TPUs, a substring for GPUs).
+PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "tpu v5": 459.0, "tpu v5p": 459.0, "tpu v6 lite": 918.0,
+                    "tpu v6e": 918.0}
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    """Dense bf16 peak TFLOP/s of a device from its jax device_kind; None when unknown (e.g. CPU)."""
+    kind = device_kind.lower().strip()
+    if kind in PEAK_BF16_TFLOPS:
+        return PEAK_BF16_TFLOPS[kind]
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if not k.startswith("tpu") and k in kind), None)
+
+
+def _runs(ids: np.ndarray):
+    """(first, last) position of the contiguous run of equal ids that each position belongs to."""
+    change = np.flatnonzero(ids[1:] != ids[:-1]) + 1
+    starts, ends = np.r_[0, change], np.r_[change - 1, len(ids) - 1]
+    run = np.cumsum(np.r_[0, ids[1:] != ids[:-1]])
+    return starts[run], ends[run]
+
+
+def sample_lengths(batch) -> np.ndarray:
+    """Real tokens of each sample of one numpy PackedBatch (padding excluded; order of sample ids)."""
+    real = np.asarray(batch.token_kind) != PAD
+    return np.unique(np.asarray(batch.sample_id)[real], return_counts=True)[1]
+
+
+def mask_pairs(batch) -> int:
+    """Number of (query, key) pairs among real tokens that the §4.3 attention mask allows, for one numpy PackedBatch
+    in the packer's layout (contiguous samples and splits, index = slot; models/attention_mask.py)."""
+    mode = np.asarray(batch.split_mode)
+    first, _ = _runs(np.asarray(batch.sample_id))
+    split_first, split_last = _runs(np.asarray(batch.split_id))
+    # A query sees keys from its sample's start to itself (causal) or to its split's end (full / noise), except
+    # the noised-image keys of other splits; its own noise split lies wholly inside that range.
+    last = np.where(mode == CAUSAL, np.arange(mode.size), split_last)
+    noise_before = np.r_[0, np.cumsum(mode == NOISE)]
+    seen = (last - first + 1 - (noise_before[last + 1] - noise_before[first])
+            + np.where(mode == NOISE, split_last - split_first + 1, 0))
+    return int(seen[np.asarray(batch.token_kind) != PAD].sum())
+
+
 @dataclasses.dataclass(frozen=True)
 class FlopModel:
     """Parameter counts and sizes the FLOP estimate needs (see module docstring)."""
@@ -74,37 +130,65 @@ class FlopModel:
     llm_hidden: int
     vit_layers: int
     vit_hidden: int
+    n_llm_shared: int = 0  # of n_llm: params without a *_moe_gen copy, run on all T tokens (dense, MoE attention)
 
     @classmethod
     def from_params(cls, params, model_cfg) -> "FlopModel":
         """Count parameters by path in an nnx.State of params (abstract or concrete)."""
-        n_llm = n_vit = n_latent = 0
+        n_vit = n_latent = 0
+        layers = {}
         for path, leaf in jax.tree_util.tree_leaves_with_path(params):
             name, size = param_path(path), int(np.prod(leaf.shape))
             if name.startswith("language_model.model.layers."):
-                if "_moe_gen" not in name:
-                    n_llm += size
+                layers[name] = size
             elif name.startswith(("vit_model.", "connector.")):
                 n_vit += size
             elif name.startswith(("vae2llm.", "llm2vae.", "time_embedder.")):
                 n_latent += size
+        routed = {name.replace("_moe_gen", "") for name in layers if "_moe_gen" in name}
+        one_expert = {name: size for name, size in layers.items() if "_moe_gen" not in name}
         llm, vit = model_cfg.llm, model_cfg.vit
-        return cls(n_llm=n_llm, n_head=int(llm.hidden_size) * int(llm.vocab_size), n_vit=n_vit, n_latent=n_latent,
-                   llm_layers=int(llm.num_layers), llm_hidden=int(llm.hidden_size), vit_layers=int(vit.num_layers),
-                   vit_hidden=int(vit.hidden_size))
+        return cls(n_llm=sum(one_expert.values()), n_head=int(llm.hidden_size) * int(llm.vocab_size), n_vit=n_vit,
+                   n_latent=n_latent, llm_layers=int(llm.num_layers), llm_hidden=int(llm.hidden_size),
+                   vit_layers=int(vit.num_layers), vit_hidden=int(vit.hidden_size),
+                   n_llm_shared=sum(size for name, size in one_expert.items() if name not in routed))
 
-    def pack_flops(self, batch, sample_tokens) -> float:
-        """Model FLOPs (fwd + bwd) of one numpy PackedBatch with real tokens per sample `sample_tokens`."""
+    def pack_flop_terms(self, batch, sample_tokens=None, *, attention: str = "causal",
+                        capacity: bool = False) -> dict[str, float]:
+        """The terms of pack_flops by part: llm, head, vit, latent, attention, vit_attention (see module
+        docstring)."""
+        if attention not in ATTENTION_CONVENTIONS:
+            raise ValueError(f"attention={attention!r} not in {ATTENTION_CONVENTIONS}")
         length = batch.text_ids.shape[-1]
-        n = np.asarray(sample_tokens, np.float64)
-        vit_real = np.asarray(batch.vit_token_index) < length
+        n = np.asarray(sample_lengths(batch) if sample_tokens is None else sample_tokens, np.float64)
+        vit_index = np.asarray(batch.vit_token_index)
+        vit_real = vit_index < length
         patches = np.bincount(np.asarray(batch.vit_image_id)[vit_real]).astype(np.float64) if vit_real.any() \
             else np.zeros(0)
-        n_ce = float(np.sum(np.asarray(batch.ce_index) < length))
-        n_lat = float(np.sum(np.asarray(batch.vae_token_index) < length))
-        return float(6.0 * self.n_llm * n.sum() + 6.0 * self.n_head * n_ce + 6.0 * self.n_vit * vit_real.sum()
-                     + 6.0 * self.n_latent * n_lat + 6.0 * self.llm_layers * self.llm_hidden * np.sum(n ** 2)
-                     + 12.0 * self.vit_layers * self.vit_hidden * np.sum(patches ** 2))
+        if capacity:
+            routed = batch.und_index.shape[-1] + batch.gen_index.shape[-1]
+            llm_tokens = self.n_llm_shared * float(length) + (self.n_llm - self.n_llm_shared) * float(routed)
+            n_ce, n_vit, n_lat = (float(x.shape[-1]) for x in (batch.ce_index, vit_index, batch.vae_token_index))
+        else:
+            llm_tokens = self.n_llm * n.sum()
+            n_ce = float(np.sum(np.asarray(batch.ce_index) < length))
+            n_vit, n_lat = float(vit_real.sum()), float(np.sum(np.asarray(batch.vae_token_index) < length))
+        if attention == "causal":
+            pairs = np.sum(n ** 2) / 2
+        elif attention == "mask":
+            pairs = mask_pairs(batch)
+        else:
+            pairs = float(length) ** 2 / (2 if attention == "maxtext" else 1)
+        vit_pairs = float(vit_index.shape[-1]) ** 2 if attention == "full" else np.sum(patches ** 2)
+        return {"llm": 6.0 * llm_tokens, "head": 6.0 * self.n_head * n_ce, "vit": 6.0 * self.n_vit * n_vit,
+                "latent": 6.0 * self.n_latent * n_lat,
+                "attention": 12.0 * self.llm_layers * self.llm_hidden * float(pairs),
+                "vit_attention": 12.0 * self.vit_layers * self.vit_hidden * float(vit_pairs)}
+
+    def pack_flops(self, batch, sample_tokens=None, *, attention: str = "causal", capacity: bool = False) -> float:
+        """Model FLOPs (fwd + bwd) of one numpy PackedBatch with real tokens per sample `sample_tokens` (default:
+        counted from the batch); `attention` and `capacity` as in the module docstring."""
+        return float(sum(self.pack_flop_terms(batch, sample_tokens, attention=attention, capacity=capacity).values()))
 
 
 # ----------------------------------------------------------------------------------------------------------
