@@ -1,11 +1,12 @@
-"""Inference speed of the tiny config with random weights: prefill, KV-cache decode and text-to-image.
+"""Inference speed of a config's model with random weights: prefill, KV-cache decode and text-to-image.
 
 Prints Markdown tables. Timings are warm (the first call of each shape compiles and is reported separately):
 prefill and images are the best of --repeats runs; decode is the median step over --repeats rounds in which the
-context lengths take turns step by step. Decode attends over a fixed cache size (all max_len slots, the empty
-ones masked), so its cost per token should not grow with the context length; the table reports the ratio.
-Usage:  python bench/inference.py [--contexts 128 512 2048] [--decode-tokens 32] [--batch 8]
-                                  [--image-size 64] [--steps 25 50] [--skip-images]
+context lengths take turns step by step (the machine may be shared: medians, and still noisy). Every context length
+uses one cache size, so the decode table shows whether a step's cost follows the context (block-sparse backends
+visit the key blocks up to the fill) or the cache size (`dense` attends over every slot, docs/inference.md §5.2).
+Usage:  python bench/inference.py [--config configs/tiny.py] [--backend blocksparse] [--contexts 128 512 2048]
+                                  [--decode-tokens 32] [--batch 8] [--image-size 64] [--steps 25 50] [--skip-images]
 """
 
 from __future__ import annotations
@@ -14,15 +15,23 @@ import argparse
 import time
 
 
-def build_model():
-    """configs/tiny.py's model, random weights, fp32."""
+def build_model(config_path: str, backend: str | None):
+    """The model of the config file's get_config(), random weights, fp32; `backend` overrides
+    model.attention_backend."""
+    import importlib.util
+
     from flax import nnx
 
-    from configs import tiny
     from unimedvl_jax.models.unimedvl import UniMedVL
 
+    spec = importlib.util.spec_from_file_location("bench_config", config_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config().model
+    if backend is not None:
+        cfg.attention_backend = backend
     nnx.use_eager_sharding(False)
-    return UniMedVL(tiny.get_config().model, rngs=nnx.Rngs(0))
+    return UniMedVL(cfg, rngs=nnx.Rngs(0))
 
 
 def timed(fn, repeats: int):
@@ -44,13 +53,14 @@ def text_prompt(length: int):
 
 
 def bench_text(model, contexts, decode_tokens: int, batch: int, repeats: int):
-    """Rows (context, prefill compile s, prefill ms, decode ms/token batch 1, batch-`batch` tokens/s)."""
+    """(rows (context, prefill compile s, prefill ms, decode ms per step at batch 1 and at `batch`), cache size,
+    cache size when decoding)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from unimedvl_jax.inference.context import Context
-    from unimedvl_jax.inference.decoding import decode_step, split_model
+    from unimedvl_jax.inference.decoding import decode_step, min_rows, stack_rows
+    from unimedvl_jax.inference.kv_cache import split_model
 
     # One cache size for every context length: the decode step compiles once per batch size.
     max_len = max(contexts) + decode_tokens + 128
@@ -58,19 +68,21 @@ def bench_text(model, contexts, decode_tokens: int, batch: int, repeats: int):
     key = jax.random.key(0)
 
     def decode_seconds(ctxs, rows):
-        """Per context: seconds of each of `decode_tokens` steps of a `rows`-row batch. The contexts take
-        turns step by step, so load spikes on a shared machine hit every context length alike; the host syncs
-        each step, as decoding.decode does."""
-        state = {n: (jax.tree.map(lambda *leaves: jnp.stack(leaves), *([ctx.cache] * rows)),
-                     np.full(rows, 5, np.int32)) for n, ctx in ctxs.items()}
+        """Per context: seconds of each of `decode_tokens` steps of a `rows`-row batch (padded with inactive rows to
+        decoding.min_rows, as decoding.decode does). The contexts take turns step by step, so load spikes on a shared
+        machine hit every context length alike; the host syncs each step, as decoding.decode does."""
+        total = max(rows, min_rows(structure.backend))
+        active = np.arange(total) < rows
+        state = {n: (stack_rows([ctx.cache] * total, block_size=structure.block_size), np.full(total, 5, np.int32))
+                 for n, ctx in ctxs.items()}
         seconds = {n: [] for n in ctxs}
         for step in range(decode_tokens):
             for n, ctx in ctxs.items():
                 cache, tokens = state[n]
                 start = time.perf_counter()
-                cache, _, chosen = decode_step(structure, params, cache, tokens, np.full(rows, ctx.rope + step,
-                                               np.int32), np.ones(rows, bool), key, np.int32(step),
-                                               np.float32(0.0), np.float32(1.0))
+                cache, _, chosen = decode_step(structure, params, cache, tokens, np.full(total, ctx.rope + step,
+                                               np.int32), active, key, np.int32(step), np.float32(0.0),
+                                               np.float32(1.0))
                 state[n] = cache, np.asarray(chosen)
                 seconds[n].append(time.perf_counter() - start)
         return seconds
@@ -88,9 +100,9 @@ def bench_text(model, contexts, decode_tokens: int, batch: int, repeats: int):
             single[n] += sec
         for n, sec in decode_seconds(ctxs, batch).items():
             batched[n] += sec
-    rows = [(n, prefill[n][0], prefill[n][1] * 1e3, np.median(single[n]) * 1e3, batch / np.median(batched[n]))
+    rows = [(n, prefill[n][0], prefill[n][1] * 1e3, np.median(single[n]) * 1e3, np.median(batched[n]) * 1e3)
             for n in contexts]
-    return rows, max_len
+    return rows, max_len, stack_rows([ctxs[contexts[0]].cache], block_size=structure.block_size).max_len
 
 
 class ByteTokenizer:
@@ -133,6 +145,8 @@ def markdown(header, rows) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/tiny.py", help="config file with get_config()")
+    parser.add_argument("--backend", default=None, help="override model.attention_backend")
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
@@ -144,15 +158,22 @@ def main():
 
     import jax
 
-    model = build_model()
-    print(f"tiny config, random weights, fp32, backend {jax.default_backend()} ({jax.device_count()} device(s))\n")
-    rows, max_len = bench_text(model, args.contexts, args.decode_tokens, args.batch, args.repeats)
-    print(f"Text (KV cache of {max_len} slots for every context length; decode over {args.decode_tokens} tokens)\n")
-    print(markdown(["context", "prefill compile s", "prefill ms", "decode ms/token (batch 1, median)",
-                    f"decode tokens/s (batch {args.batch})"],
-                   [(n, f"{c:.1f}", f"{p:.1f}", f"{d:.2f}", f"{t:.0f}") for n, c, p, d, t in rows]))
-    per_token = [r[3] for r in rows]
-    print(f"\ndecode ms/token max/min across contexts: {max(per_token) / min(per_token):.2f}x\n")
+    from unimedvl_jax.models.attention import resolve_backend
+
+    model = build_model(args.config, args.backend)
+    backend = model.cfg.attention_backend
+    print(f"{args.config}, random weights, fp32, attention {backend} ({resolve_backend(backend)}), "
+          f"{jax.default_backend()} ({jax.device_count()} device(s))\n")
+    rows, max_len, decode_len = bench_text(model, args.contexts, args.decode_tokens, args.batch, args.repeats)
+    print(f"Text (KV cache of {max_len} slots, {decode_len} when decoding, for every context length; decode over "
+          f"{args.decode_tokens} tokens, median step)\n")
+    b = args.batch
+    print(markdown(["context", "prefill compile s", "prefill ms", "decode ms/step (batch 1)", f"(batch {b})",
+                    "tokens/s (batch 1)", f"(batch {b})", f"batch {b} / batch 1"],
+                   [(n, f"{c:.1f}", f"{p:.1f}", f"{d1:.2f}", f"{db:.2f}", f"{1e3 / d1:.0f}", f"{b * 1e3 / db:.0f}",
+                     f"{b * d1 / db:.2f}x") for n, c, p, d1, db in rows]))
+    print(f"\ndecode ms/step, longest / shortest context: {rows[-1][3] / rows[0][3]:.2f}x (batch 1), "
+          f"{rows[-1][4] / rows[0][4]:.2f}x (batch {b})\n")
     if not args.skip_images:
         print(f"Text-to-image {args.image_size}x{args.image_size} (prompt + VAE decode included)\n")
         print(markdown(["steps", "CFG", "first call s (compile)", "s / image"],

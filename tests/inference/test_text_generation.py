@@ -121,12 +121,12 @@ def test_seeds_on_flat_logits(model):
 
 def test_decode_step_compiles_once_across_prompt_lengths(model):
     prompts = [[TextSegment(list(range(10, 10 + n)))] for n in range(1, 11)]
-    decode_before, prefill_before = decoding.decode_step._cache_size(), kv_cache.append.jitted_fn._cache_size()
+    decode_before, prefill_before = decoding.decode_step._cache_size(), kv_cache.chunk_step._cache_size()
     for prompt in prompts:  # a cache size no other test uses, so the first prompt compiles and no other does
         generate(model, [prompt], 4, max_len=200)
     assert decoding.decode_step._cache_size() - decode_before == 1
     # Prefill chunks are bucketed: texts of 3..12 tokens share the 16-token bucket.
-    assert kv_cache.append.jitted_fn._cache_size() - prefill_before == 1
+    assert kv_cache.chunk_step._cache_size() - prefill_before == 1
 
 
 def test_stops_at_im_end_and_at_max_length(model):

@@ -5,15 +5,23 @@ bookkeeping, and greedy / temperature text generation (docs/inference.md §5.2) 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from unimedvl_jax.inference.decoding import decode
 from unimedvl_jax.inference.image_tokens import encode_image_tokens, image_token_embeds, latent_position_ids
-from unimedvl_jax.inference.kv_cache import KVCache, append, bucket, empty_cache
+from unimedvl_jax.inference.kv_cache import KVCache, ModelStructure, append, bucket, empty_cache, split_model
 from unimedvl_jax.packed_batch import CAUSAL, FULL, TEXT, VIT
 from unimedvl_jax.patches import flattened_position_ids
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vit_tokens(structure: ModelStructure, params, patches, position_ids, image_ids):
+    """LLM embeddings (connector + position table) of ViT patches, jitted over the split model."""
+    return structure.merge(params).vit_embeddings(patches, position_ids, image_ids)[2]
 
 
 @dataclasses.dataclass
@@ -62,8 +70,13 @@ class Context:
         (docs/inference.md §5.1)."""
         st, side = self.model.cfg.special_tokens, self.model.cfg.vit_max_num_patch_per_side
         h, w = grid_hw
-        pos_ids = flattened_position_ids(h, w, side)
-        _, _, vit = self.model.vit_embeddings(jnp.asarray(patches), jnp.asarray(pos_ids), jnp.zeros(h * w, jnp.int32))
+        n = h * w
+        # Padded to a bucket as a second image (its own attention segment), so image sizes share compiled ViTs.
+        pad = bucket(n) - n
+        patches = np.concatenate([np.asarray(patches, np.float32), np.zeros((pad, np.shape(patches)[1]), np.float32)])
+        pos_ids = np.concatenate([flattened_position_ids(h, w, side), np.zeros(pad, np.int32)]).astype(np.int32)
+        structure, params = split_model(self.model, self.model)
+        vit = _vit_tokens(structure, params, patches, pos_ids, (np.arange(n + pad) >= n).astype(np.int32))[:n]
         markers = self.model.language_model.embed(jnp.asarray([st.start_of_image, st.end_of_image]))
         embeds = jnp.concatenate([markers[:1], vit.astype(markers.dtype), markers[1:]])
         kinds = np.concatenate([[TEXT], np.full(h * w, VIT), [TEXT]])

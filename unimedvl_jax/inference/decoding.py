@@ -1,9 +1,11 @@
 """Batched KV-cache text decoding (docs/inference.md §5.2) over contexts of different lengths.
 
-Each row keeps its own cache, kv_len and rope; the rows' caches are stacked on a leading batch axis and one
-jitted step advances every row by one token (the single-context cache append, vmapped). Shapes depend only on
+Each row keeps its own cache, kv_len and rope; the rows' caches are stacked on a leading batch axis, in the layered
+form (one buffer per layer), and one jitted step advances every row by one token (the single-context cache append,
+vmapped): the step donates the cache, so each layer's new K/V is written in place. Shapes depend only on
 (batch, max_len), never on the token index or the prompt lengths, so the step compiles once per cache shape.
-Decoding attends over all max_len slots (empty ones masked), so a step costs the same at any context length.
+The block-sparse backends visit only the key blocks up to each row's fill, so a step's cost follows the context
+length; `dense` attends over all max_len slots (empty ones masked) (docs/inference.md §5.2).
 """
 
 from __future__ import annotations
@@ -15,56 +17,63 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from unimedvl_jax.inference.kv_cache import append_chunk
+from unimedvl_jax.inference.kv_cache import KVCache, ModelStructure, grow, layered, run_chunk, split_model
 from unimedvl_jax.inference.row_sharding import RowSharding
 from unimedvl_jax.inference.sampling import check_sampling, sample_token
+from unimedvl_jax.models.attention import resolve_backend
 from unimedvl_jax.packed_batch import CAUSAL, TEXT
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class ModelStructure:
-    """Hashable static handle on a model's graph (nnx's GraphDef holds an unhashable ConfigDict)."""
-
-    graphdef: object
-    treedef: object
-
-    def __hash__(self):
-        return hash(self.treedef)
-
-    def __eq__(self, other):
-        return self is other or (isinstance(other, ModelStructure) and self.treedef == other.treedef
-                                 and self.graphdef == other.graphdef)
-
-
-def split_model(model):
-    """(ModelStructure, flat list of state arrays): jitting over flat leaves avoids nnx.jit's per-call graph
-    traversal, which costs more than a tiny model's whole decode step."""
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)
-    return ModelStructure(graphdef, treedef), leaves
+def min_rows(backend: str) -> int:
+    """The fewest rows a decode step runs with the attention backend: 2, except for the dense reference."""
+    # With one row XLA turns the vmapped cache write into a dynamic-update-slice that it fuses into each reader (the
+    # block-sparse loop's blocked view, the returned cache), each writing into its own copy of the whole cache.
+    # Dense attention transposes every row's whole cache, so it runs fastest with one row.
+    return 1 if resolve_backend(backend) == "dense" else 2
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def decode_step(structure: ModelStructure, params, cache, tokens, positions, active, key, step, temperature,
+def decode_step(structure: ModelStructure, params, cache: KVCache, tokens, positions, active, key, step, temperature,
                 top_p):
-    """Feed tokens (B,) at positions (B,) to a batched cache; rows with active=False keep their length (their
-    token is written as an invisible empty slot past it).
+    """Feed tokens (B,) at positions (B,) to a batched layered cache (donated: each layer is updated in place); rows
+    with active=False keep their length (their token is written as an invisible padding slot past it).
 
     Returns (cache, logits (B, V) fp32, next tokens (B,)); row r samples with fold_in(fold_in(key, r), step).
     """
-    model = nnx.merge(structure.graphdef, jax.tree.unflatten(structure.treedef, params))
+    lm = structure.merge(params)
 
-    def row(cache, token, position, is_active, row_key):
-        embed = model.language_model.embed(token[None])
-        cache, hidden = append_chunk(model, cache, embed, jnp.full((1,), TEXT, jnp.int32), position[None],
-                                     CAUSAL, is_active.astype(jnp.int32))
-        logits = model.language_model.logits(hidden[0])
-        return cache, logits, sample_token(logits, jax.random.fold_in(row_key, step), temperature, top_p)
+    def row(cache, token, position, is_active):
+        cache, hidden = run_chunk(lm, cache, lm.embed(token[None]), jnp.full((1,), TEXT, jnp.int32), position[None],
+                                  CAUSAL, is_active.astype(jnp.int32), backend=structure.backend,
+                                  block_size=structure.block_size)
+        return cache, lm.logits(hidden[0])
 
-    row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(tokens.shape[0]))
-    return jax.vmap(row)(cache, tokens, positions, active, row_keys)
+    cache, logits = jax.vmap(row)(cache, tokens, positions, active)
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, r), step))(jnp.arange(tokens.shape[0]))
+    sample = jax.vmap(sample_token, in_axes=(0, 0, None, None))
+    # Greedy skips the sampler's vocabulary sorts (sample_token also returns the argmax at temperature 0).
+    chosen = jax.lax.cond(temperature > 0, lambda: sample(logits, row_keys, temperature, top_p),
+                          lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    return cache, logits, chosen
+
+
+def stack_rows(caches, row_sharding: RowSharding | None = None, *, block_size: int = 1) -> KVCache:
+    """Contexts' caches stacked on a leading row axis (split over the row sharding's devices), in the layered form
+    decode_step takes: a fresh copy, so the contexts keep their own caches.
+
+    A cache longer than `block_size` gets empty slots up to a multiple of it, so that the block-sparse backends need
+    not pad the keys (a copy of every layer) at each step.
+    """
+    caches = list(caches)
+    size = caches[0].max_len
+    if size > block_size:
+        caches = [grow(c, -size % block_size) for c in caches]
+    if row_sharding is None:
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *caches)
+    else:
+        stacked = row_sharding.stack(caches)
+    return layered(stacked)
 
 
 @dataclasses.dataclass
@@ -81,9 +90,9 @@ def decode(contexts: Sequence, max_length: int, *, temperature: float = 0.0, top
     a row's newly predicted token is <|im_end|> (not kept) or it has run max_length steps (the start token is step 1).
 
     The contexts are not modified. Sampling is deterministic given the seed and the row's index in the batch.
-    rows: decode this many rows (≥ len(contexts)); the extra rows are inactive copies of the first context, so a
-    short last batch reuses the compiled step. row_sharding: split the rows over its devices (the row count must
-    split evenly; the contexts were built on its models) and decode with its replicated model.
+    rows: decode this many rows (≥ len(contexts), at least min_rows); the extra rows are inactive copies of the first
+    context, so a short last batch reuses the compiled step. row_sharding: split the rows over its devices (the row
+    count must split evenly; the contexts were built on its models) and decode with its replicated model.
     """
     if not contexts:
         raise ValueError("decode needs at least one context")
@@ -105,12 +114,9 @@ def decode(contexts: Sequence, max_length: int, *, temperature: float = 0.0, top
                              f"{max_len}")
     model = models[0]
     st = model.cfg.special_tokens
+    rows = max(rows, min_rows(model.cfg.attention_backend))
     padded = list(contexts) + [contexts[0]] * (rows - batch)
-    # A fresh stacked copy: the step donates it, the contexts keep their own caches.
-    if row_sharding is None:
-        cache = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(ctx.cache for ctx in padded))
-    else:
-        cache = row_sharding.stack(ctx.cache for ctx in padded)
+    cache = stack_rows((ctx.cache for ctx in padded), row_sharding, block_size=model.cfg.attention_block_size)
     ropes = np.asarray([ctx.rope for ctx in padded], np.int32)
     tokens = np.full(rows, st.bos_token_id, np.int32)
     active = np.arange(rows) < batch

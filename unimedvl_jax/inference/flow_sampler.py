@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -35,10 +36,14 @@ def flow_timesteps(num_timesteps: int, timestep_shift: float) -> np.ndarray:
     return (timestep_shift * tau / (1 + (timestep_shift - 1) * tau)).astype(np.float32)
 
 
+def euler_increment(v, dt):
+    """v·dt in float32, rounded to v's dtype (a bf16 product in bf16 inference, docs/quirks.md §10.1)."""
+    return rounding_to(v.dtype)(v.astype(jnp.float32) * jnp.float32(dt))
+
+
 def euler_update(x, v, dt):
     """x − v·dt with x float32. The product takes v's dtype (a bf16 product in bf16 inference, docs/quirks.md §10.1)."""
-    step = rounding_to(v.dtype)(v.astype(jnp.float32) * jnp.float32(dt))
-    return x - step.astype(x.dtype)
+    return x - euler_increment(v, dt).astype(x.dtype)
 
 
 def euler_sample(velocity: Callable, x, timesteps):
@@ -48,3 +53,31 @@ def euler_sample(velocity: Callable, x, timesteps):
     for i in range(len(timesteps) - 1):
         x = euler_update(x, velocity(x, timesteps[i], i), timesteps[i] - timesteps[i + 1])
     return x
+
+
+def euler_loop(velocity: Callable, x, timesteps, start, stop, *, record: bool = False):
+    """euler_sample's steps start … stop − 1 as one traceable lax.fori_loop (start / stop may be traced).
+
+    velocity(x_t, t) returns (v, aux). Returns x after the steps, and with `record` also (x_t, v, aux) of every step
+    stacked over all len(timesteps) − 1 steps (rows outside [start, stop) are zeros).
+    """
+    def step(i, carry):
+        # Each step's increment is subtracted at the start of the next iteration (or after the loop), never in the
+        # computation that multiplies it: XLA would contract x − v·dt into one fused multiply-add, one rounding
+        # fewer than the official two tensor ops and than euler_update run eagerly.
+        x, dx, rec = carry
+        x = x - dx
+        t = timesteps[i]
+        v, aux = velocity(x, t)
+        if record:
+            rec = jax.tree.map(lambda buf, val: buf.at[i].set(val), rec, (x, v, aux))
+        return x, euler_increment(v, t - timesteps[i + 1]).astype(x.dtype), rec
+
+    rec = None
+    if record:
+        steps = timesteps.shape[0] - 1
+        shapes = jax.eval_shape(velocity, x, timesteps[0])
+        rec = jax.tree.map(lambda a: jnp.zeros((steps, *a.shape), a.dtype), (x, *shapes))
+    x, dx, rec = jax.lax.fori_loop(start, stop, step, (x, jnp.zeros_like(x), rec))
+    x = x - dx
+    return (x, rec) if record else x

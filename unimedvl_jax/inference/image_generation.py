@@ -3,14 +3,18 @@ the conditional and the two unconditional KV caches, classifier-free guidance, t
 
 The query is [<|vision_start|>] + h·w noisy latents + [<|vision_end|>] at each context's current rope id, full
 attention, markers on the und expert and latents on the gen expert; it never updates a cache (docs/inference.md §5.1).
-One jitted call computes every branch's velocity and the guidance, so the Euler loop compiles once per image size and
-branch set (1, 2 or 3 contexts), not per step.
+Every branch's velocity and the guidance are one batched computation, and the Euler steps run inside one jitted
+loop per stretch of steps with the same guidance scales (at most three: before, inside and after cfg_interval), over
+the model split once (kv_cache.split_model): the loop compiles once per image size, branch set (1, 2 or 3 contexts)
+and block of TIMESTEP_BLOCK step counts, and no step costs a dispatch or a graph traversal. `guided_velocity` is the
+same velocity as a per-step call.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import NamedTuple
 
 import jax
@@ -18,13 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimedvl_jax.inference.flow_sampler import euler_sample, flow_timesteps
+from unimedvl_jax.inference.flow_sampler import euler_loop, flow_timesteps
 from unimedvl_jax.inference.guidance import check_guidance, guidance_branches, guidance_scales, guide_velocity
 from unimedvl_jax.inference.image_tokens import image_token_embeds, latent_grid, latent_position_ids
-from unimedvl_jax.inference.kv_cache import KVCache, append_chunk, empty_cache
+from unimedvl_jax.inference.kv_cache import KVCache, ModelStructure, append_chunk, empty_cache, split_model
 from unimedvl_jax.inference.precision import rounding_to
 from unimedvl_jax.packed_batch import FULL
 from unimedvl_jax.patches import unpatchify_latent
+
+TIMESTEP_BLOCK = 64  # the schedule is padded to a multiple of this: 25 and 50 steps share the compiled loops
 
 
 class GuidanceContexts(NamedTuple):
@@ -47,15 +53,9 @@ class FlowStep:
     raw: tuple
 
 
-@functools.partial(nnx.jit, static_argnames=("branches", "renorm_type"))
-def guided_velocity(model, x, t, position_ids, caches, ropes, text_scale, img_scale, renorm_min, *, branches,
-                    renorm_type):
-    """(guided velocity, raw velocities (branches, h·w, p·p·C)) at (x, t), from the first `branches` entries of
-    stacked caches / ropes: cond, text-uncond, image-uncond.
-
-    Every branch sees the same query embeddings; only the cache and the rope id differ (docs/inference.md §5.3
-    'Velocity'). The branches run as one batched forward.
-    """
+def _velocity(model, x, t, position_ids, caches, ropes, text_scale, img_scale, renorm_min, *, branches,
+              renorm_type):
+    """(guided velocity, raw velocities (branches, h·w, p·p·C)): the query of every branch as one vmapped forward."""
     embeds, kinds = image_token_embeds(model, x, t, position_ids)
     n = embeds.shape[0]
 
@@ -67,6 +67,32 @@ def guided_velocity(model, x, t, position_ids, caches, ropes, text_scale, img_sc
     raw = jax.vmap(branch)(jax.tree.map(lambda a: a[:branches], caches), ropes[:branches])
     return guide_velocity(*raw, text_scale=text_scale, img_scale=img_scale, renorm_type=renorm_type,
                           renorm_min=renorm_min), raw
+
+
+@functools.partial(nnx.jit, static_argnames=("branches", "renorm_type"))
+def guided_velocity(model, x, t, position_ids, caches, ropes, text_scale, img_scale, renorm_min, *, branches,
+                    renorm_type):
+    """(guided velocity, raw velocities (branches, h·w, p·p·C)) at (x, t), from the first `branches` entries of
+    stacked caches / ropes: cond, text-uncond, image-uncond.
+
+    Every branch sees the same query embeddings; only the cache and the rope id differ (docs/inference.md §5.3
+    'Velocity'). The branches run as one batched forward.
+    """
+    return _velocity(model, x, t, position_ids, caches, ropes, text_scale, img_scale, renorm_min, branches=branches,
+                     renorm_type=renorm_type)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("branches", "renorm_type", "record"))
+def _euler_stretch(structure: ModelStructure, params, x, timesteps, start, stop, position_ids, caches, ropes,
+                   text_scale, img_scale, renorm_min, *, branches, renorm_type, record):
+    """Euler steps start … stop − 1 with fixed guidance scales, as one loop (flow_sampler.euler_loop)."""
+    model = structure.merge(params)
+
+    def velocity(x_t, t):
+        return _velocity(model, x_t, t, position_ids, caches, ropes, text_scale, img_scale, renorm_min,
+                         branches=branches, renorm_type=renorm_type)
+
+    return euler_loop(velocity, x, timesteps, start, stop, record=record)
 
 
 def _pad_cache(cache: KVCache, max_len: int, llm_cfg) -> KVCache:
@@ -134,25 +160,31 @@ def generate_image(model, contexts, image_shape, *, num_timesteps=50, timestep_s
     x = initial_noise(model, image_shape, seed=seed, init_noise=init_noise)
     position_ids = jnp.asarray(latent_position_ids(model, latent_grid(model, image_shape)), jnp.int32)
     caches, ropes = stack_caches(branch_ctx)
-    trace = []
-
-    def velocity(x_t, t, i):
-        text_scale, img_scale = scales[i]
-        v, raw = guided_velocity(model, x_t, jnp.float32(t), position_ids, caches, ropes, text_scale, img_scale,
-                                 float(cfg_renorm_min), branches=guidance_branches(text_scale, img_scale),
-                                 renorm_type=cfg_renorm_type)
+    structure, params = split_model(model, model)
+    padded = np.pad(timesteps, (0, -len(timesteps) % TIMESTEP_BLOCK), mode="edge")
+    trace, start = [], 0
+    # The interval is compared on the monotone t, so equal scales come in at most three consecutive stretches.
+    for (text_scale, img_scale), stretch in itertools.groupby(scales):
+        stop = start + len(list(stretch))
+        out = _euler_stretch(structure, params, x, padded, np.int32(start), np.int32(stop), position_ids, caches,
+                             ropes, np.float32(text_scale), np.float32(img_scale), np.float32(cfg_renorm_min),
+                             branches=guidance_branches(text_scale, img_scale), renorm_type=cfg_renorm_type,
+                             record=return_trace)
         if return_trace:
-            trace.append(FlowStep(float(t), text_scale, img_scale, np.asarray(x_t), np.asarray(v),
-                                  tuple(np.asarray(r) for r in raw)))
-        return v
+            x, (xs, vs, raws) = out
+            xs, vs, raws = (np.asarray(a[start:stop]) for a in (xs, vs, raws))
+            trace += [FlowStep(float(timesteps[i]), text_scale, img_scale, xs[i - start], vs[i - start],
+                               tuple(raws[i - start])) for i in range(start, stop)]
+        else:
+            x = out
+        start = stop
+    return (x, trace) if return_trace else x
 
-    latents = euler_sample(velocity, x, timesteps)
-    return (latents, trace) if return_trace else latents
 
-
-@nnx.jit
-def _decode(model, latent):
-    return model.vae_model.decode(latent)
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(structure: ModelStructure, params, latent):
+    """VAE decode over the split autoencoder."""
+    return structure.merge(params).decode(latent)
 
 
 def to_uint8(image):
@@ -175,6 +207,6 @@ def decode_latents(model, latents, image_shape, *, return_float: bool = False):
         raise ValueError(f"latents: expected shape {(h * w, p * p * c)} for image_shape {tuple(image_shape)}, got "
                          f"{tuple(np.shape(latents))}")
     spatial = unpatchify_latent(jnp.asarray(latents, jnp.float32), h, w, p, c)
-    decoded = _decode(model, spatial[None])[0]
+    decoded = _decode(*split_model(model, model.vae_model), spatial[None])[0]
     image = np.asarray(to_uint8(decoded))
     return (image, np.asarray(decoded, np.float32)) if return_float else image

@@ -4,11 +4,13 @@ vae2llm(x) + temb(t) + latent_pos_embed[pid]. Shared by clean conditioning image
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from unimedvl_jax.inference.kv_cache import ModelStructure, split_model
 from unimedvl_jax.packed_batch import TEXT, VAE
 from unimedvl_jax.patches import flattened_position_ids, patchify_latent
 
@@ -41,8 +43,10 @@ def latent_position_ids(model, grid_hw) -> np.ndarray:
     return flattened_position_ids(*grid_hw, model.cfg.max_latent_size)
 
 
-@nnx.jit
-def _segment_embeds(model, x_tokens, t, position_ids):
+@functools.partial(jax.jit, static_argnums=0)
+def _segment_embeds(structure: ModelStructure, params, x_tokens, t, position_ids):
+    """[start] + latent embeddings + [end] over the split model (also callable inside a trace: jit nests)."""
+    model = structure.merge(params)
     st = model.cfg.special_tokens
     latents, _ = model.latent_token_embeds(x_tokens, jnp.full((x_tokens.shape[0],), t, jnp.float32), position_ids)
     markers = model.language_model.embed(jnp.asarray([st.start_of_image, st.end_of_image], jnp.int32))
@@ -53,13 +57,15 @@ def image_token_embeds(model, x_tokens, t, position_ids):
     """(embeds, kinds) of [start] + latents + [end]; latents = vae2llm(x) + temb(t) + latent_pos_embed
     (docs/model.md §3.10)."""
     n = x_tokens.shape[0]
-    embeds = _segment_embeds(model, x_tokens, jnp.asarray(t, jnp.float32), jnp.asarray(position_ids, jnp.int32))
+    embeds = _segment_embeds(*split_model(model, model), x_tokens, jnp.asarray(t, jnp.float32),
+                             jnp.asarray(position_ids, jnp.int32))
     return embeds, np.concatenate([[TEXT], np.full(n, VAE), [TEXT]]).astype(np.int32)
 
 
-@nnx.jit
-def _encode(model, pixels, eps):
-    return model.vae_model.encode(pixels, eps=eps)
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(structure: ModelStructure, params, pixels, eps):
+    """VAE encode with the given posterior noise over the split autoencoder."""
+    return structure.merge(params).encode(pixels, eps=eps)
 
 
 def encode_image_tokens(model, pixels, *, eps=None, key=None):
@@ -81,5 +87,6 @@ def encode_image_tokens(model, pixels, *, eps=None, key=None):
         eps = jax.random.normal(key, eps_shape, jnp.float32)
     elif tuple(np.shape(eps)) != eps_shape:
         raise ValueError(f"eps: expected shape {eps_shape} (NHWC), got {tuple(np.shape(eps))}")
-    latent = _encode(model, pixels[None].astype(model.dtype), jnp.asarray(eps, jnp.float32))
+    latent = _encode(*split_model(model, model.vae_model), pixels[None].astype(model.dtype),
+                     jnp.asarray(eps, jnp.float32))
     return patchify_latent(latent[0], model.cfg.latent_patch_size), grid

@@ -77,8 +77,10 @@ class PackedAttention(nnx.Module):
                  past=None):
         """Joint attention over all tokens; each token's projections come from its own expert.
 
-        past: optional (keys, values, meta) of cached tokens (post k-norm and RoPE, docs/inference.md §5.1) that the new
-        tokens also attend to. Returns (per-expert outputs, (k, v) of the new tokens).
+        past: optional KV cache (keys (S, Hkv, D), values, meta over the S slots with these tokens' meta already at
+        their slots, start) of this layer (post k-norm and RoPE, docs/inference.md §5.1): the new K/V are written at
+        slots start … start + T - 1 and the tokens attend over the whole cache. Returns (per-expert outputs, (k, v) of
+        the new tokens), or with `past` (per-expert outputs, the updated (keys, values)).
         """
         length = meta.length
         qkv = [self.project_qkv(e, xe) for e, xe in enumerate(x_normed_per_expert)]
@@ -87,16 +89,15 @@ class PackedAttention(nnx.Module):
         if past is None:
             keys, values, key_meta = k, v, meta
         else:
-            past_k, past_v, past_meta = past
-            keys, values = jnp.concatenate([past_k, k.astype(past_k.dtype)]), jnp.concatenate([past_v, v.astype(
-                past_v.dtype)])
-            key_meta = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), past_meta, meta)
+            cache_k, cache_v, key_meta, start = past
+            keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (start, 0, 0))
+            values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (start, 0, 0))
         out = packed_attention(q, keys.astype(q.dtype), values.astype(q.dtype), meta, key_meta, backend=backend,
                                block_size=block_size)
         out = out.reshape(length, self.num_heads * self.head_dim)
         outs = [o(gather_tokens(out, idx)) for o, idx in zip(_experts(self, "o_proj", self.num_experts),
                                                              expert_indexes)]
-        return outs, (k, v)
+        return outs, (keys, values)
 
 
 class DecoderLayer(nnx.Module):
@@ -118,7 +119,8 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, expert_indexes, cos, sin, meta, *, backend, block_size, past=None):
         """One residual block: h = x + attn(norm1(x)); out = h + mlp(norm2(h)), per token's expert (docs/model.md §3.4).
 
-        Returns (out, (k, v) of these tokens); `past` = cached (keys, values, meta) they also attend to.
+        Returns (out, (k, v) of these tokens); with `past` (this layer's cache, as PackedAttention) the k, v are
+        written into it and (out, updated (keys, values)) is returned.
         """
         attn_indexes = expert_indexes if self.attn_experts == 2 else [None]
         mlp_indexes = expert_indexes if self.mlp_experts == 2 else [None]
@@ -174,10 +176,12 @@ class Qwen2ForCausalLM(nnx.Module):
 
     def __call__(self, embeds, position_ids, meta: TokenMeta, expert_indexes, *, backend="dense", block_size=512,
                  remat=False, past=None):
-        """Every decoder layer and the final norms on packed embeddings (T, H); past = per-layer cached
-        (keys, values) plus their TokenMeta, or None.
+        """Every decoder layer and the final norms on packed embeddings (T, H); past = None or a KV cache
+        (keys, values, meta, start): keys / values per layer (S, Hkv, D) (indexed by layer: a stacked array or a
+        sequence), meta over the S slots with these tokens' meta already at slots start … start + T - 1.
 
-        Returns (hidden, per-layer residual outputs, per-layer (k, v) of the new tokens, post k-norm + RoPE).
+        Returns (hidden, per-layer residual outputs, per-layer (k, v) of the new tokens, post k-norm + RoPE); with
+        `past` the last item is the per-layer (keys, values) with the new K/V written at their slots.
         """
         if self.cfg.layer_module == "dense":
             expert_indexes = [None]
@@ -193,7 +197,7 @@ class Qwen2ForCausalLM(nnx.Module):
         x = embeds
         layer_outputs, kvs = [], []
         for i, layer in enumerate(self.model.layers):
-            layer_past = None if past is None else (past[0][i], past[1][i], past[2])
+            layer_past = None if past is None else (past[0][i], past[1][i], past[2], past[3])
             x, kv = run_layer(layer, x, layer_past)
             layer_outputs.append(x)
             kvs.append(kv)

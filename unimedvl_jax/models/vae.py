@@ -23,7 +23,8 @@ def swish(x):
 
 
 class Conv2d(nnx.Module):
-    """NHWC 2-D convolution with kernel (kh, kw, in, out), symmetric integer padding and a bias."""
+    """NHWC 2-D convolution with kernel (kh, kw, in, out), symmetric integer padding (or per-call padding pairs)
+    and a bias."""
 
     def __init__(self, in_channels, out_channels, kernel_size, *, stride=1, padding=0, dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -35,12 +36,15 @@ class Conv2d(nnx.Module):
         self.padding = padding
         self.dtype = dtype
 
-    def __call__(self, x):
+    def __call__(self, x, *, padding=None, kernel=None):
+        """padding: ((top, bottom), (left, right)) zero padding instead of the symmetric default; kernel: a
+        (kh, kw, in, out) kernel derived from this layer's, used in its place (the bias stays this layer's)."""
         dtype = self.dtype or x.dtype
+        kernel = self.kernel[...] if kernel is None else kernel
         p = self.padding
         y = jax.lax.conv_general_dilated(
-            x.astype(dtype), self.kernel[...].astype(dtype), window_strides=(self.stride, self.stride),
-            padding=((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            x.astype(dtype), kernel.astype(dtype), window_strides=(self.stride, self.stride),
+            padding=((p, p), (p, p)) if padding is None else padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y + self.bias[...].astype(dtype)
 
 
@@ -57,13 +61,21 @@ class GroupNorm(nnx.Module):
 
     def __call__(self, x):
         b, h, w, c = x.shape
-        # torch groups are contiguous channel ranges: channel i belongs to group i // (C / G).
-        xg = x.astype(jnp.float32).reshape(b, h, w, self.num_groups, c // self.num_groups)
-        mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
-        var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
-        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
-        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(x.dtype)
+        g, k = self.num_groups, c // self.num_groups
+        # torch groups are contiguous channel ranges: channel i belongs to group i // k. Statistics are per-channel
+        # sums over the h·w positions, then summed over each group's k channels and broadcast back to them: XLA:CPU
+        # reduces (B, H·W, C) over the middle axis ~10x faster than (B, H, W, G, k) over axes (1, 2, 4) when k > 1.
+        xf = x.astype(jnp.float32).reshape(b, h * w, c)
+
+        def group_mean(channel_sums):
+            """(b, c) per-channel sums → (b, 1, c): each channel's group mean."""
+            return jnp.repeat(channel_sums.reshape(b, g, k).sum(-1) / (h * w * k), k, axis=-1)[:, None, :]
+
+        mean = group_mean(jnp.sum(xf, axis=1))
+        var = group_mean(jnp.sum(jnp.square(xf - mean), axis=1))
+        scale = jax.lax.rsqrt(var + self.eps) * self.weight[...].astype(jnp.float32)
+        y = (xf - mean) * scale + self.bias[...].astype(jnp.float32)
+        return y.reshape(b, h, w, c).astype(x.dtype)
 
 
 class ResnetBlock(nnx.Module):
@@ -111,17 +123,38 @@ class Downsample(nnx.Module):
         self.conv = Conv2d(channels, channels, 3, stride=2, padding=0, **conv_kw)
 
     def __call__(self, x):
-        return self.conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
+        return self.conv(x, padding=((0, 1), (0, 1)))
+
+
+def _upsampled_taps(kernel, phase: int, axis: int):
+    """The 3 taps of `kernel` along `axis` folded onto the 2 input rows that output phase 0 / 1 of a nearest-x2
+    upsampled row sees: (k0, k1 + k2) over rows r − 1, r, or (k0 + k1, k2) over rows r, r + 1."""
+    k0, k1, k2 = (jnp.take(kernel, i, axis=axis) for i in range(3))
+    pair = (k0, k1 + k2) if phase == 0 else (k0 + k1, k2)
+    return jnp.stack(pair, axis=axis)
 
 
 class Upsample(nnx.Module):
-    """Nearest-neighbour x2 upsampling, then a 3x3 conv with padding 1 (docs/model.md §3.10)."""
+    """Nearest-neighbour x2 upsampling, then a 3x3 conv with padding 1 (docs/model.md §3.10).
+
+    Computed without building the upsampled image: output pixel (2r + a, 2c + b) sees only input rows r − 1 + a,
+    r + a and columns c − 1 + b, c + b, each repeated, so each of the four phases (a, b) is a 2x2 convolution of the
+    input with the 3x3 taps summed accordingly (16 instead of 36 multiply-adds per input pixel and channel pair);
+    the phases are then interleaved.
+    """
 
     def __init__(self, channels, *, conv_kw):
         self.conv = Conv2d(channels, channels, 3, padding=1, **conv_kw)
 
     def __call__(self, x):
-        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+        b, h, w = x.shape[:3]
+        kernel = self.conv.kernel[...]
+        phases = [[self.conv(x, padding=((1 - a, a), (1 - e, e)),
+                             kernel=_upsampled_taps(_upsampled_taps(kernel, a, 0), e, 1)) for e in range(2)]
+                  for a in range(2)]
+        # (b, h, a, w, e, C) → output row 2r + a, column 2c + e.
+        y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)
+        return y.reshape(b, 2 * h, 2 * w, y.shape[-1])
 
 
 def _res_blocks(in_channels, out_channels, num_blocks, *, norm_kw, conv_kw):
@@ -173,6 +206,18 @@ class MidBlock(nnx.Module):
 
     def __call__(self, x):
         return self.block_2(self.attn_1(self.block_1(x)))
+
+
+def per_image(fn, x):
+    """fn on a batch (B, ...) → (B, ...), on CPU one image at a time (lax.map), elsewhere all at once.
+
+    Every op of the encoder and decoder is per image, so the values are the same. On CPU a whole batch's activations
+    (16 × 128² × 32 fp32 = 32 MiB per tensor) stream through memory at every GroupNorm, swish and convolution, while
+    one image's stay in cache: the loop is faster.
+    """
+    if x.shape[0] == 1 or jax.default_backend() != "cpu":
+        return fn(x)
+    return jax.lax.map(lambda image: fn(image[None])[0], x)
 
 
 def _block_kwargs(cfg, dtype, param_dtype, rngs):
@@ -249,7 +294,7 @@ class AutoEncoder(nnx.Module):
 
     def encode_moments(self, x):
         """x (B, H, W, 3) in [-1, 1] → (mean, logvar), each (B, H/f, W/f, z_channels)."""
-        mean, logvar = jnp.split(self.encoder(x), 2, axis=-1)
+        mean, logvar = jnp.split(per_image(self.encoder, x), 2, axis=-1)
         return mean, logvar
 
     def encode(self, x, *, eps=None, key=None, sample=True):
@@ -267,4 +312,4 @@ class AutoEncoder(nnx.Module):
 
     def decode(self, z):
         """Normalised latent (B, h, w, z_channels) → image (B, h·f, w·f, 3) via Decoder(z/scale + shift)."""
-        return self.decoder(z / self.scale_factor + self.shift_factor)
+        return per_image(self.decoder, z / self.scale_factor + self.shift_factor)
