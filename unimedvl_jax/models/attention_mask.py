@@ -55,6 +55,9 @@ def allowed(q: TokenMeta, k: TokenMeta):
     return same_sample & (causal | bidirectional) & ~foreign_noise
 
 
+_DIRECT_RANGE_PAIRS = 1 << 16  # key_ranges compares every (query, key) pair below this many pairs
+
+
 def run_starts(ids):
     """For each position, the first position of the contiguous run of equal ids it belongs to."""
     n = ids.shape[0]
@@ -75,8 +78,17 @@ def key_ranges(q: TokenMeta, k: TokenMeta):
     """(first, last) key slot (inclusive) each query may see: from the start of its sample's run to itself (causal)
     or to the end of its split (full / noise). Every allowed key lies inside; masked keys inside are still masked."""
     slot = jnp.clip(q.index, 0, k.length - 1)
-    first = run_starts(k.sample)[slot]
-    last = jnp.where(q.mode == CAUSAL, slot, run_ends(k.split)[slot])
+    if q.length * k.length <= _DIRECT_RANGE_PAIRS:
+        # A short chunk against a long cache (decoding): one pass of comparisons per query beats two scans.
+        pos = jnp.arange(k.length, dtype=jnp.int32)
+        same_sample = q.sample[:, None] == k.sample[None, :]
+        first = jnp.min(jnp.where(same_sample, pos, k.length), axis=1)
+        split_end = jnp.max(jnp.where(q.split[:, None] == k.split[None, :], pos, -1), axis=1)
+        first = jnp.minimum(first, slot)
+    else:
+        first = run_starts(k.sample)[slot]
+        split_end = run_ends(k.split)[slot]
+    last = jnp.where(q.mode == CAUSAL, slot, jnp.maximum(split_end, slot))
     return first, last
 
 
