@@ -107,7 +107,9 @@ def test_disk_full_ends_with_one_error_line_and_the_rerun_resumes(env, reference
                         rf"\d+\.\d [kMGT]B free; last intact checkpoint: 6 \({ckpts}/6\); rerunning the same command "
                         rf"resumes from it \(details: {ckpts}/save_error\.log\)", lines[0]), lines[0]
     stopped = max(r["step"] for r in harness.rows(workdir / "metrics.jsonl"))
-    assert 9 <= stopped <= 11  # surfaced by a step after the failed save, never reaching the next one (12)
+    # Surfaced by a step after the failed save or, on a slow / loaded disk, at the latest when the next save (12)
+    # waits for it; checkpoint 12 is never written (entries below).
+    assert 9 <= stopped <= 12
     assert harness.entries(workdir) == ["6", "9.orbax-checkpoint-tmp", "save_error.log"]
     assert harness.committed(workdir, 6) and "File too large" in (ckpts / "save_error.log").read_text()
 

@@ -116,6 +116,30 @@ def annotated_param(rngs: "nnx.Rngs | ParamKeys | None", init, shape, axes, para
     return param_type(nnx.with_partitioning(init, tuple(axes))(key, shape, param_dtype))
 
 
+@jax.custom_vjp
+def matmul(x, kernel):
+    """x (..., in) @ kernel (in, out); its kernel gradient contracts the flattened (rows, in), (rows, out) operands."""
+    return jnp.dot(x, kernel)
+
+
+def _matmul_fwd(x, kernel):
+    return jnp.dot(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(res, d_out):
+    # Same math as autodiff. Under vmap (packs in the train step) autodiff's kernel gradient contracts over
+    # (pack, token) and XLA:CPU transposes the activations and leaves its fast dot path; a custom VJP is vmapped
+    # per pack instead, so each kernel gradient is a plain 2-D contraction (docs/packed_sequence.md §4.7).
+    x, kernel = res
+    rows = x.reshape(-1, x.shape[-1])
+    d_rows = d_out.reshape(-1, d_out.shape[-1])
+    d_kernel = jax.lax.dot_general(rows, d_rows, (((0,), (0,)), ((), ())))
+    return jnp.dot(d_out, kernel.T).astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Linear(nnx.Module):
     """y = x @ kernel + bias with kernel (in, out) annotated by logical axes (in_axis, out_axis)."""
 
@@ -132,7 +156,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x):
         dtype = self.dtype or x.dtype
-        y = jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype))
+        y = matmul(x.astype(dtype), self.kernel[...].astype(dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
