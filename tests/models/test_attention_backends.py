@@ -1,56 +1,31 @@
 """Every fast attention backend equals the dense reference (docs/packed_sequence.md §4.3, §4.7): forward and gradients
 on randomised packs, under vmap, in bf16, for the ViT's image segments and for a cache-shaped call."""
 
+import attention_cases as cases
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimedvl_jax.inference.kv_cache import EMPTY_SAMPLE
-from unimedvl_jax.models.attention import TokenMeta, packed_attention, segment_meta
+from unimedvl_jax.models.attention import packed_attention, segment_meta
 from unimedvl_jax.packed_batch import CAUSAL, FULL, NOISE
-from unimedvl_jax.testing import build_packed_batch, random_pack_samples, small_model_config
 
 BACKENDS = ["chunked", "blocksparse"]
 
 
-def random_meta(seed: int, pad_to: int | None = None) -> TokenMeta:
-    """TokenMeta of a randomised pack (several samples, every split kind, trailing padding)."""
-    rng = np.random.default_rng(seed)
-    samples = random_pack_samples(rng, num_samples=int(rng.integers(2, 5)))
-    batch, _, _ = build_packed_batch(samples, small_model_config(), rng=rng)
-    n = batch.num_tokens
-    batch, _, _ = build_packed_batch(samples, small_model_config(), rng=seed,
-                                     pad_to=pad_to or n + int(rng.integers(1, 14)))
-    return TokenMeta(jnp.asarray(batch.sample_id), jnp.asarray(batch.split_id), jnp.asarray(batch.split_mode),
-                     jnp.arange(batch.num_tokens, dtype=jnp.int32))
+def random_meta(seed: int, pad_to: int | None = None):
+    """TokenMeta of a randomised pack of 2-4 samples (every split kind, trailing padding)."""
+    return cases.random_meta(seed, (2, 5), pad_to)
 
 
-def qkv(seed, t, hq=4, hkv=2, d=16, tk=None, dtype=jnp.float32):
-    """Random q (t, hq, d), k / v (tk, hkv, d) and an output cotangent."""
-    ks = jax.random.split(jax.random.key(seed), 4)
-    tk = t if tk is None else tk
-    return (jax.random.normal(ks[0], (t, hq, d), dtype), jax.random.normal(ks[1], (tk, hkv, d), dtype),
-            jax.random.normal(ks[2], (tk, hkv, d), dtype), jax.random.normal(ks[3], (t, hq, d), jnp.float32))
+def value_and_grads(name, q, k, v, cot, q_meta, k_meta, block_size):
+    """(output, (dq, dk, dv)) of backend `name`."""
+    return cases.value_and_grads(cases.backend(name, q_meta, k_meta, block_size=block_size), q, k, v, cot)
 
 
-def value_and_grads(backend, q, k, v, cot, q_meta, k_meta, block_size):
-    """(output, (dq, dk, dv)) of Σ out·cot, jitted."""
-    def loss(q, k, v):
-        out = packed_attention(q, k, v, q_meta, k_meta, backend=backend, block_size=block_size)
-        return jnp.sum(out.astype(jnp.float32) * cot), out
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    return out, grads
-
-
-def assert_matches_dense(backend, q, k, v, cot, q_meta, k_meta, block_size, atol=1e-5):
-    out_ref, grads_ref = value_and_grads("dense", q, k, v, cot, q_meta, k_meta, block_size)
-    out, grads = value_and_grads(backend, q, k, v, cot, q_meta, k_meta, block_size)
-    assert float(jnp.abs(out_ref).max()) > 0.1
-    np.testing.assert_allclose(out, out_ref, atol=atol, rtol=0)
-    for name, g, g_ref in zip("qkv", grads, grads_ref):
-        assert float(jnp.abs(g_ref).max()) > 1e-3, f"d/d{name} is trivially zero"
-        np.testing.assert_allclose(g, g_ref, atol=atol, rtol=0, err_msg=f"d/d{name}")
+def assert_matches_dense(name, q, k, v, cot, q_meta, k_meta, block_size, atol=1e-5):
+    cases.assert_close(value_and_grads(name, q, k, v, cot, q_meta, k_meta, block_size),
+                       value_and_grads("dense", q, k, v, cot, q_meta, k_meta, block_size), atol)
 
 
 def test_random_packs_cover_every_split_kind():
@@ -69,7 +44,7 @@ def test_random_packs_cover_every_split_kind():
 def test_backend_matches_dense_on_random_packs(backend, seed, block_size):
     """Forward and dq, dk, dv within 1e-5 (fp32), GQA 4 / 2 heads, lengths not divisible by the block size."""
     meta = random_meta(seed)
-    q, k, v, cot = qkv(seed, meta.length)
+    q, k, v, cot = cases.qkv(seed, meta.length)
     assert_matches_dense(backend, q, k, v, cot, meta, meta, block_size)
 
 
@@ -78,7 +53,7 @@ def test_backend_under_vmap_over_packs(backend):
     """Two different packs of one static length in a vmapped, differentiated call (as in the train step)."""
     metas = [random_meta(seed, pad_to=120) for seed in (5, 6)]
     meta = jax.tree.map(lambda *a: jnp.stack(a), *metas)
-    q, k, v, cot = qkv(7, 2 * 120)
+    q, k, v, cot = cases.qkv(7, 2 * 120)
     q, k, v, cot = (x.reshape((2, 120) + x.shape[1:]) for x in (q, k, v, cot))
 
     def run(backend):
@@ -98,7 +73,7 @@ def test_backend_under_vmap_over_packs(backend):
 def test_backend_on_vit_segments(backend):
     """Bidirectional attention within images (the ViT's segment_meta)."""
     meta = segment_meta(np.repeat(np.arange(4), [9, 30, 1, 17]))
-    q, k, v, cot = qkv(3, meta.length, hq=2, hkv=2)
+    q, k, v, cot = cases.qkv(3, meta.length, hq=2, hkv=2)
     assert_matches_dense(backend, q, k, v, cot, meta, meta, block_size=16)
 
 
@@ -107,13 +82,8 @@ def test_backend_on_cache_shaped_call(backend):
     """A chunk of new queries against a static cache (filled prefix, the chunk written in place, empty slots after),
     as KV-cache prefill and decoding call it."""
     cache_len, filled, chunk = 96, 37, 11
-    index = np.arange(cache_len, dtype=np.int32)
-    sample = np.where(index < filled + chunk, 0, EMPTY_SAMPLE).astype(np.int32)
-    split = np.where(index < 20, 0, np.where(index < filled, 1, 2)).astype(np.int32)
-    mode = np.where((index >= 20) & (index < filled), FULL, CAUSAL).astype(np.int32)
-    k_meta = TokenMeta(*map(jnp.asarray, (sample, split, mode, index)))
-    q_meta = k_meta[filled:filled + chunk]
-    q, k, v, cot = qkv(4, chunk, tk=cache_len)
+    q_meta, k_meta = cases.cache_metas(cache_len, filled, chunk)
+    q, k, v, cot = cases.qkv(4, chunk, tk=cache_len)
     assert_matches_dense(backend, q, k, v, cot, q_meta, k_meta, block_size=16)
 
 
@@ -121,7 +91,7 @@ def test_backend_on_cache_shaped_call(backend):
 def test_backend_bf16_error_is_that_of_dense_bf16(backend):
     """In bf16 the backend's error against fp32 dense is within 2× the dense bf16 backend's own error."""
     meta = random_meta(11)
-    q, k, v, cot = qkv(11, meta.length)
+    q, k, v, cot = cases.qkv(11, meta.length)
     ref, _ = value_and_grads("dense", q, k, v, cot, meta, meta, 32)
     low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
     dense_err = float(jnp.abs(value_and_grads("dense", *low, cot, meta, meta, 32)[0].astype(jnp.float32) - ref).max())

@@ -1,74 +1,37 @@
 """The pallas_gpu flash-attention kernel (interpret mode on CPU) against the dense reference under the
 docs/packed_sequence.md §4.3 mask: values and gradients, GQA, padding, cross-attention, vmap and bf16."""
 
+import attention_cases as cases
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
+from attention_cases import assert_close, dense, value_and_grads
 
-from unimedvl_jax import config as C
-from unimedvl_jax.models.attention import TokenMeta, packed_attention
 from unimedvl_jax.models.attention_mask import allowed, key_ranges
 from unimedvl_jax.models.attention_pallas_gpu import _query_spans, pallas_gpu_attention
 from unimedvl_jax.packed_batch import CAUSAL, FULL, NOISE, TEXT, VAE, VIT
-from unimedvl_jax.testing import build_packed_batch, random_pack_samples
 
 HQ, HKV, D = 4, 2, 16
 
 
-def _cfg():
-    return C.model_config(
-        llm=C.llm_config(hidden_size=64, num_layers=1, num_heads=HQ, num_kv_heads=HKV, vocab_size=64),
-        vit=C.vit_config(image_size=112), vit_max_num_patch_per_side=8, max_latent_size=8,
-        vae=C.vae_config(z_channels=4),
-        special_tokens=ConfigDict(dict(bos_token_id=60, eos_token_id=61, start_of_image=62, end_of_image=63)))
-
-
 def _random_pack(seed, length):
-    """Metadata of a random pack (text, ViT, clean and noised VAE splits over several samples, an image block opening
-    the first sample and closing the last) padded with a causal pad sample to `length`."""
-    samples = random_pack_samples(seed, num_samples=4)
-    batch, _, _ = build_packed_batch(samples, _cfg(), pad_to=length, rng=seed)
+    """Metadata of a random pack of 4 samples (text, ViT, clean and noised VAE splits, an image block opening the first
+    sample and closing the last) padded with a causal pad sample to `length`."""
+    batch = cases.random_pack(seed, 4, pad_to=length)
     splits = set(zip(np.asarray(batch.token_kind).tolist(), np.asarray(batch.split_mode).tolist()))
     assert {(TEXT, CAUSAL), (VIT, FULL), (VAE, FULL), (VAE, NOISE)} <= splits, f"seed {seed} misses a split kind"
     assert np.asarray(batch.sample_id)[-1] != np.asarray(batch.sample_id)[0], "no trailing padding"
-    n = batch.num_tokens
-    return TokenMeta(jnp.asarray(batch.sample_id), jnp.asarray(batch.split_id), jnp.asarray(batch.split_mode),
-                     jnp.arange(n, dtype=jnp.int32))
+    return cases.pack_meta(batch)
 
 
-def _inputs(seed, tq, tk, dtype=jnp.float32):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    shapes = ((tq, HQ, D), (tk, HKV, D), (tk, HKV, D), (tq, HQ, D))
-    return [jax.random.normal(key, s).astype(dtype) for key, s in zip(keys, shapes)]
-
-
-def _value_and_grads(attend, q, k, v, cot):
-    def loss(q, k, v):
-        out = attend(q, k, v)
-        return jnp.sum(out.astype(jnp.float32) * cot), out
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    return out, grads
-
-
-def _dense(q_meta, k_meta):
-    return lambda q, k, v: packed_attention(q, k, v, q_meta, k_meta, backend="dense")
+def _inputs(seed, tq, tk):
+    return cases.qkv(seed, tq, HQ, HKV, D, tk=tk)
 
 
 def _pallas(q_meta, k_meta, block_size):
     return lambda q, k, v: pallas_gpu_attention(q, k, v, q_meta, k_meta, scale=D**-0.5, block_size=block_size,
                                                 interpret=True)
-
-
-def _assert_close(got, want, atol):
-    out_g, grads_g = got
-    out_w, grads_w = want
-    assert float(jnp.abs(out_w).max()) > 0.1
-    np.testing.assert_allclose(out_g, out_w, atol=atol, rtol=0, err_msg="output")
-    for name, gg, gw in zip("qkv", grads_g, grads_w):
-        assert float(jnp.abs(gw).max()) > 1e-3, f"d/d{name} is trivially zero"
-        np.testing.assert_allclose(gg, gw, atol=atol, rtol=0, err_msg=f"d/d{name}")
 
 
 @pytest.mark.parametrize("seed,length,block_size", [(0, 150, 16), (4, 203, 32)])
@@ -78,8 +41,8 @@ def test_self_attention_matches_dense(seed, length, block_size):
     assert length % block_size
     meta = _random_pack(seed, length)
     q, k, v, cot = _inputs(seed, length, length)
-    _assert_close(_value_and_grads(_pallas(meta, meta, block_size), q, k, v, cot),
-                  _value_and_grads(_dense(meta, meta), q, k, v, cot), atol=1e-5)
+    assert_close(value_and_grads(_pallas(meta, meta, block_size), q, k, v, cot),
+                  value_and_grads(dense(meta, meta), q, k, v, cot), atol=1e-5)
 
 
 def test_cross_attention_matches_dense():
@@ -88,8 +51,8 @@ def test_cross_attention_matches_dense():
     meta = _random_pack(4, 140)
     q_meta = meta[60:]
     q, k, v, cot = _inputs(1, q_meta.length, meta.length)
-    _assert_close(_value_and_grads(_pallas(q_meta, meta, 16), q, k, v, cot),
-                  _value_and_grads(_dense(q_meta, meta), q, k, v, cot), atol=1e-5)
+    assert_close(value_and_grads(_pallas(q_meta, meta, 16), q, k, v, cot),
+                  value_and_grads(dense(q_meta, meta), q, k, v, cot), atol=1e-5)
 
 
 @pytest.mark.parametrize("cross", [False, True])
@@ -118,8 +81,8 @@ def test_vmap_over_packs_matches_dense():
             return attend(meta)(q, k, v)
         return lambda q, k, v: jax.vmap(run)(q, k, v, meta)
 
-    _assert_close(_value_and_grads(batched(lambda m: _pallas(m, m, 16)), q, k, v, cot),
-                  _value_and_grads(batched(lambda m: _dense(m, m)), q, k, v, cot), atol=1e-5)
+    assert_close(value_and_grads(batched(lambda m: _pallas(m, m, 16)), q, k, v, cot),
+                  value_and_grads(batched(lambda m: dense(m, m)), q, k, v, cot), atol=1e-5)
 
 
 def test_bf16_error_within_dense_bf16_error():
@@ -129,11 +92,11 @@ def test_bf16_error_within_dense_bf16_error():
     for the P·V product (unnormalised per tile vs normalised). A wrong mask, lse or GQA grouping would be O(1) off."""
     meta = _random_pack(2, 150)
     q, k, v, cot = _inputs(2, 150, 150)
-    ref = _value_and_grads(_dense(meta, meta), q, k, v, cot)
+    ref = value_and_grads(dense(meta, meta), q, k, v, cot)
     bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-    dense = _value_and_grads(_dense(meta, meta), *bf16, cot)
-    kernel = _value_and_grads(_pallas(meta, meta, 32), *bf16, cot)
-    for name, r, d, kn in zip(["output", "dq", "dk", "dv"], [ref[0], *ref[1]], [dense[0], *dense[1]],
+    dense_bf16 = value_and_grads(dense(meta, meta), *bf16, cot)
+    kernel = value_and_grads(_pallas(meta, meta, 32), *bf16, cot)
+    for name, r, d, kn in zip(["output", "dq", "dk", "dv"], [ref[0], *ref[1]], [dense_bf16[0], *dense_bf16[1]],
                               [kernel[0], *kernel[1]]):
         assert kn.dtype == jnp.bfloat16
         err_kernel, err_dense = (float(jnp.abs(x.astype(jnp.float32) - r).max()) for x in (kn, d))

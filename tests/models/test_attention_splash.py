@@ -9,66 +9,29 @@ import pathlib
 import subprocess
 import sys
 
+import attention_cases as cases
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_cases import assert_close, dense, qkv, value_and_grads
 
-from unimedvl_jax.inference.kv_cache import EMPTY_SAMPLE
-from unimedvl_jax.models.attention import packed_attention
-from unimedvl_jax.models.attention_mask import TokenMeta, segment_meta
+from unimedvl_jax.models.attention_mask import segment_meta
 from unimedvl_jax.models.attention_splash import padded_mask, splash_attention
 from unimedvl_jax.packed_batch import CAUSAL, FULL, NOISE
-from unimedvl_jax.testing import build_packed_batch, random_pack_samples, small_model_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BLOCK = 128  # the smallest block the kernel takes
 
 
-def random_meta(seed: int, pad_to: int | None = None) -> TokenMeta:
+def random_meta(seed: int, pad_to: int | None = None):
     """TokenMeta of a randomised pack of 10-14 samples (every split kind, images opening and closing samples) with
     trailing padding, about 260-300 tokens: three 128-token blocks."""
-    rng = np.random.default_rng(seed)
-    samples = random_pack_samples(rng, num_samples=int(rng.integers(10, 15)))
-    n = build_packed_batch(samples, small_model_config(), rng=seed)[0].num_tokens
-    batch, _, _ = build_packed_batch(samples, small_model_config(), rng=seed,
-                                     pad_to=pad_to or n + int(rng.integers(1, 14)))
-    return TokenMeta(jnp.asarray(batch.sample_id), jnp.asarray(batch.split_id), jnp.asarray(batch.split_mode),
-                     jnp.arange(batch.num_tokens, dtype=jnp.int32))
-
-
-def qkv(seed, t, hq=4, hkv=2, d=16, tk=None):
-    """Random q (t, hq, d), k / v (tk, hkv, d) and an output cotangent, fp32."""
-    ks = jax.random.split(jax.random.key(seed), 4)
-    tk = t if tk is None else tk
-    return (jax.random.normal(ks[0], (t, hq, d)), jax.random.normal(ks[1], (tk, hkv, d)),
-            jax.random.normal(ks[2], (tk, hkv, d)), jax.random.normal(ks[3], (t, hq, d)))
-
-
-def value_and_grads(attend, q, k, v, cot):
-    """(output, (dq, dk, dv)) of Σ out·cot for attend(q, k, v), jitted."""
-    def loss(q, k, v):
-        out = attend(q, k, v)
-        return jnp.sum(out.astype(jnp.float32) * cot), out
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    return out, grads
-
-
-def dense(q_meta, k_meta, scale=None):
-    return lambda q, k, v: packed_attention(q, k, v, q_meta, k_meta, backend="dense", scale=scale)
+    return cases.random_meta(seed, (10, 15), pad_to)
 
 
 def splash(q_meta, k_meta, scale=None):
     return lambda q, k, v: splash_attention(q, k, v, q_meta, k_meta, scale=scale, block_size=BLOCK)
-
-
-def assert_close(got, want, atol=1e-5):
-    (out, grads), (out_ref, grads_ref) = got, want
-    assert float(jnp.abs(out_ref).max()) > 0.1
-    np.testing.assert_allclose(out, out_ref, atol=atol, rtol=0)
-    for name, g, g_ref in zip("qkv", grads, grads_ref):
-        assert float(jnp.abs(g_ref).max()) > 1e-3, f"d/d{name} is trivially zero"
-        np.testing.assert_allclose(g, g_ref, atol=atol, rtol=0, err_msg=f"d/d{name}")
 
 
 def block_kinds(mask, block=BLOCK):
@@ -117,12 +80,7 @@ def test_cache_shaped_call():
     """A chunk of 11 new queries against a 128-slot cache (filled prefix, the chunk written in place, empty slots
     after): padded queries but no padded keys, Tq != Tk."""
     cache_len, filled, chunk = 128, 37, 11
-    index = np.arange(cache_len, dtype=np.int32)
-    sample = np.where(index < filled + chunk, 0, EMPTY_SAMPLE).astype(np.int32)
-    split = np.where(index < 20, 0, np.where(index < filled, 1, 2)).astype(np.int32)
-    mode = np.where((index >= 20) & (index < filled), FULL, CAUSAL).astype(np.int32)
-    k_meta = TokenMeta(*map(jnp.asarray, (sample, split, mode, index)))
-    q_meta = k_meta[filled:filled + chunk]
+    q_meta, k_meta = cases.cache_metas(cache_len, filled, chunk)
     q, k, v, cot = qkv(4, chunk, tk=cache_len)
     got = value_and_grads(splash(q_meta, k_meta), q, k, v, cot)
     assert_close(got, value_and_grads(dense(q_meta, k_meta), q, k, v, cot))
