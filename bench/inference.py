@@ -18,16 +18,12 @@ import time
 def build_model(config_path: str, backend: str | None):
     """The model of the config file's get_config(), random weights, fp32; `backend` overrides
     model.attention_backend."""
-    import importlib.util
-
     from flax import nnx
+    from train_throughput import load_config  # bench/train_throughput.py: this directory is on sys.path
 
     from unimedvl_jax.models.unimedvl import UniMedVL
 
-    spec = importlib.util.spec_from_file_location("bench_config", config_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config().model
+    cfg = load_config(config_path).model
     if backend is not None:
         cfg.attention_backend = backend
     nnx.use_eager_sharding(False)

@@ -16,23 +16,17 @@ Usage:  python bench/vae_t2i.py [--repeats 7] [--batch 16] [--vae-size 128] [--i
 from __future__ import annotations
 
 import argparse
+import pathlib
 import statistics
 import time
+
+# bench/inference.py (run as a script, this directory is on sys.path): the same model builder, prompt tokenizer and
+# table format.
+from inference import ByteTokenizer, build_model, markdown
 
 # Official PyTorch seconds (fp32, small config, 2 CPU cores): (low, high) of the measured range.
 OFFICIAL_VAE_ENCODE = (0.44, 0.46)
 OFFICIAL_T2I_TEXT_CFG = (0.38, 0.47)
-
-
-def build_model():
-    """configs/small.py's model, random weights, fp32."""
-    from flax import nnx
-
-    from configs import small
-    from unimedvl_jax.models.unimedvl import UniMedVL
-
-    nnx.use_eager_sharding(False)
-    return UniMedVL(small.get_config().model, rngs=nnx.Rngs(0))
 
 
 def timed_in_turns(calls: dict, repeats: int) -> dict:
@@ -102,8 +96,6 @@ def torch_vae_calls(model, batch: int, size: int) -> dict:
 def t2i_calls(model, image_size: int, steps: int) -> dict:
     """{row name: (blocking call, official range)}: text→image with text CFG 3.0 (image scale 1, two branches) and
     with text 3.0 + image 1.5 (three branches)."""
-    from inference import ByteTokenizer  # bench/inference.py: run as a script, this directory is on sys.path
-
     from unimedvl_jax.inference.interleave import text_to_image
 
     tokenizer = ByteTokenizer()
@@ -115,13 +107,6 @@ def t2i_calls(model, image_size: int, steps: int) -> dict:
     name = f"T2I {image_size}x{image_size}, {steps} steps"
     return {f"{name}, text CFG 3.0": (lambda: run(1.0), OFFICIAL_T2I_TEXT_CFG),
             f"{name}, text 3.0 + image 1.5 CFG": (lambda: run(1.5), OFFICIAL_T2I_TEXT_CFG)}
-
-
-def markdown(header, rows) -> str:
-    """A Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def main():
@@ -138,7 +123,7 @@ def main():
 
     import jax
 
-    model = build_model()
+    model = build_model(str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "small.py"), None)
     calls = {}
     if not args.skip_vae:
         calls.update(vae_calls(model, args.batch, args.vae_size))
