@@ -18,10 +18,9 @@ from jax.sharding import PartitionSpec
 from unimedvl_jax.config import ATTENTION_BACKENDS
 from unimedvl_jax.models.attention_blocksparse import blocksparse_attention
 from unimedvl_jax.models.attention_mask import MASKED as _MASKED
-from unimedvl_jax.models.attention_mask import TokenMeta, allowed, segment_meta  # noqa: F401 (re-exported)
+from unimedvl_jax.models.attention_mask import TokenMeta, allowed, pad_meta, pad_tokens, segment_meta  # noqa: F401
 from unimedvl_jax.models.attention_pallas_gpu import pallas_gpu_attention
 from unimedvl_jax.models.attention_splash import splash_attention
-from unimedvl_jax.packed_batch import CAUSAL
 
 PLATFORM_BACKENDS = {"tpu": "splash", "gpu": "pallas_gpu"}
 
@@ -59,30 +58,17 @@ def _dense(q, k, v, q_meta, k_meta, scale):
     return out.reshape(q.shape).astype(q.dtype)
 
 
-def _pad_to(x, length, value):
-    pad = length - x.shape[0]
-    if pad == 0:
-        return x
-    return jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], value, x.dtype)], axis=0)
-
-
-def _pad_meta(meta: TokenMeta, length: int) -> TokenMeta:
-    # Padding keys belong to no real sample (-2) so no real query can see them.
-    return TokenMeta(_pad_to(meta.sample, length, -2), _pad_to(meta.split, length, -2),
-                     _pad_to(meta.mode, length, CAUSAL), _pad_to(meta.index, length, 2**30))
-
-
 def _chunked(q, k, v, q_meta, k_meta, scale, block_size):
     """Flash-style online softmax over key blocks, one query block at a time (no Tq × Tk buffer)."""
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     g = hq // hkv
     nq, nk = -(-tq // block_size), -(-tk // block_size)
-    qp = _pad_to(_group_queries(q, hkv), nq * block_size, 0).reshape(nq, block_size, hkv, g, d)
-    kp = _pad_to(k, nk * block_size, 0).reshape(nk, block_size, hkv, d)
-    vp = _pad_to(v, nk * block_size, 0).reshape(nk, block_size, hkv, d)
-    qm = jax.tree.map(lambda a: a.reshape(nq, block_size), _pad_meta(q_meta, nq * block_size))
-    km = jax.tree.map(lambda a: a.reshape(nk, block_size), _pad_meta(k_meta, nk * block_size))
+    qp = pad_tokens(_group_queries(q, hkv), nq * block_size, 0).reshape(nq, block_size, hkv, g, d)
+    kp = pad_tokens(k, nk * block_size, 0).reshape(nk, block_size, hkv, d)
+    vp = pad_tokens(v, nk * block_size, 0).reshape(nk, block_size, hkv, d)
+    qm = jax.tree.map(lambda a: a.reshape(nq, block_size), pad_meta(q_meta, nq * block_size, sample=-2, split=-2))
+    km = jax.tree.map(lambda a: a.reshape(nk, block_size), pad_meta(k_meta, nk * block_size, sample=-2, split=-2))
 
     @jax.checkpoint
     def query_block(q_blk, q_blk_meta):

@@ -23,31 +23,26 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from unimedvl_jax.models.attention_mask import TokenMeta, allowed, key_ranges
-
-_FAR = 2**30
+from unimedvl_jax.models.attention_mask import FAR_INDEX, TokenMeta, allowed, key_ranges, pad_meta, pad_tokens
 
 
 def _blocks(x, size, fill):
     """(T, ...) -> (T/size, size, ...), padding T up to a multiple of `size` with `fill` (no copy when it divides)."""
-    x = jnp.asarray(x)
-    pad = -x.shape[0] % size
-    if pad:
-        x = jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], fill, x.dtype)])
+    x = pad_tokens(x, -(-x.shape[0] // size) * size, fill)
     return x.reshape((-1, size) + x.shape[1:])
 
 
 def _meta_blocks(meta: TokenMeta, size: int, pad_sample: int) -> TokenMeta:
     """TokenMeta split into blocks; padding tokens get a sample id nothing else has (invisible, see nothing)."""
-    return TokenMeta(_blocks(meta.sample, size, pad_sample), _blocks(meta.split, size, -1),
-                     _blocks(meta.mode, size, 0), _blocks(meta.index, size, _FAR))
+    padded = pad_meta(meta, -(-meta.length // size) * size, sample=pad_sample)
+    return jax.tree.map(lambda a: a.reshape(-1, size), padded)
 
 
 def block_spans(q_meta: TokenMeta, k_meta: TokenMeta, q_block: int, k_block: int):
     """(first key block, last key block) per query block (padding queries excluded), and the number of band steps
     (the widest span)."""
     first, last = key_ranges(q_meta, k_meta)
-    first = _blocks(first, q_block, _FAR).min(axis=1) // k_block
+    first = _blocks(first, q_block, FAR_INDEX).min(axis=1) // k_block
     last = _blocks(last, q_block, -1).max(axis=1) // k_block
     steps = jnp.maximum(jnp.max(last - first + 1), 0)
     return first, last, steps

@@ -18,6 +18,7 @@ from flax import struct
 from unimedvl_jax.packed_batch import CAUSAL, FULL, NOISE
 
 MASKED = -1e30  # finite "minus infinity": exp underflows to exactly 0 and fully masked rows stay finite.
+FAR_INDEX = 2**30  # sequence index of padding tokens: after every real token
 
 
 @struct.dataclass
@@ -42,6 +43,22 @@ def segment_meta(segment_ids) -> TokenMeta:
     segment_ids = jnp.asarray(segment_ids, jnp.int32)
     n = segment_ids.shape[0]
     return TokenMeta(segment_ids, segment_ids, jnp.full((n,), FULL, jnp.int32), jnp.arange(n, dtype=jnp.int32))
+
+
+def pad_tokens(x, length: int, fill):
+    """x (T, ...) padded along its first axis to `length` rows of `fill` (x itself when T == length)."""
+    x = jnp.asarray(x)
+    pad = length - x.shape[0]
+    if pad == 0:
+        return x
+    return jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], fill, x.dtype)])
+
+
+def pad_meta(meta: TokenMeta, length: int, *, sample: int, split: int = -1) -> TokenMeta:
+    """TokenMeta padded to `length` tokens of causal mode at FAR_INDEX with the given sample / split ids (a sample id
+    no real token has makes padding invisible to real queries)."""
+    return TokenMeta(pad_tokens(meta.sample, length, sample), pad_tokens(meta.split, length, split),
+                     pad_tokens(meta.mode, length, CAUSAL), pad_tokens(meta.index, length, FAR_INDEX))
 
 
 def allowed(q: TokenMeta, k: TokenMeta):

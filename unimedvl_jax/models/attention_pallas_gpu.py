@@ -44,10 +44,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from unimedvl_jax.models.attention_mask import MASKED, TokenMeta, allowed, key_ranges, query_ranges
-from unimedvl_jax.packed_batch import CAUSAL
+from unimedvl_jax.models.attention_mask import (
+    FAR_INDEX,
+    MASKED,
+    TokenMeta,
+    allowed,
+    key_ranges,
+    pad_meta,
+    pad_tokens,
+    query_ranges,
+)
 
-_FAR = 2**30
 _UNSEEN_LSE = -MASKED  # lse of a row that sees no key: exp(S - lse) is exactly 0 for every entry
 
 
@@ -225,17 +232,8 @@ def _flash_bwd(cfg: _Config, res, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _pad(x, length, fill):
-    pad = length - x.shape[0]
-    if pad == 0:
-        return x
-    return jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], fill, x.dtype)])
-
-
 def _pad_meta(meta: TokenMeta, length: int, pad_sample) -> TokenMeta:
-    meta = jax.tree.map(lambda a: a.astype(jnp.int32), meta)
-    return TokenMeta(_pad(meta.sample, length, pad_sample), _pad(meta.split, length, -1),
-                     _pad(meta.mode, length, CAUSAL), _pad(meta.index, length, _FAR))
+    return pad_meta(jax.tree.map(lambda a: a.astype(jnp.int32), meta), length, sample=pad_sample)
 
 
 def _query_spans(q_meta: TokenMeta, k_meta: TokenMeta, key_first, key_last):
@@ -277,11 +275,12 @@ def pallas_gpu_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, scale
     # nothing); their spans are empty so they never widen a block's loop.
     floor = jnp.minimum(jnp.min(q_meta.sample), jnp.min(k_meta.sample)).astype(jnp.int32)
     q_meta_p, k_meta_p = _pad_meta(q_meta, tq_pad, floor - 1), _pad_meta(k_meta, tk_pad, floor - 2)
-    q_span = (_pad(key_first.astype(jnp.int32), tq_pad, _FAR), _pad(key_last.astype(jnp.int32), tq_pad, -1))
-    k_span = (_pad(query_first, tk_pad, _FAR), _pad(query_last, tk_pad, -1))
+    q_span = (pad_tokens(key_first.astype(jnp.int32), tq_pad, FAR_INDEX),
+              pad_tokens(key_last.astype(jnp.int32), tq_pad, -1))
+    k_span = (pad_tokens(query_first, tk_pad, FAR_INDEX), pad_tokens(query_last, tk_pad, -1))
 
     def pad_x(x, length):
-        x = _pad(x, length, 0)
+        x = pad_tokens(x, length, 0)
         return jnp.pad(x, ((0, 0), (0, 0), (0, d_pad - d))) if d_pad != d else x
 
     cfg = _Config(float(scale), bq, bk, hq // hkv, interpret)
