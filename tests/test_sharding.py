@@ -6,10 +6,21 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from unimedvl_jax.sharding import make_mesh, partition_spec
+from unimedvl_jax.sharding import (
+    BATCH_AXES,
+    MESH_AXES,
+    RESIDUAL,
+    RULES,
+    activation_rules,
+    constrain,
+    make_mesh,
+    partition_spec,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -79,3 +90,101 @@ def test_partition_spec_uses_each_mesh_axis_once_and_only_where_it_divides():
         make_mesh((2, 3, 1))
     with pytest.raises(ValueError, match="at most one -1"):
         make_mesh((-1, -1, 1))
+
+
+def _constraint_specs(fn, *args):
+    """The sharding specs of every sharding_constraint in fn's jaxpr, as strings."""
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    return [str(e.params["sharding"].spec) for e in jaxpr.eqns if e.primitive.name == "sharding_constraint"]
+
+
+def test_constrain_is_a_no_op_without_a_mesh_or_without_rules():
+    x = jnp.ones((6, 4))
+    with activation_rules("fsdp_tensor"):  # rules but no mesh
+        assert constrain(x, RESIDUAL) is x
+        assert _constraint_specs(lambda x: constrain(x, ("act_length", "act_mlp")), x) == []
+    with jax.sharding.use_abstract_mesh(make_mesh((1, 1, 1)).abstract_mesh):  # a mesh but no rules
+        assert constrain(x, RESIDUAL) is x
+        assert _constraint_specs(lambda x: constrain(x, ("act_length", "act_mlp")), x) == []
+        with activation_rules(None):  # rules switched off explicitly
+            assert constrain(x, RESIDUAL) is x
+    assert constrain(x, RESIDUAL) is x
+
+
+def test_constrain_resolves_activation_names_from_the_active_table():
+    """On a (1,1,1) mesh every axis divides: the spec is the table's, minus the batch axes of an enclosing vmap."""
+    x = jnp.ones((6, 4, 2))
+    axes = ("act_length", "act_heads", None)
+    with jax.sharding.use_abstract_mesh(make_mesh((1, 1, 1)).abstract_mesh):
+        with activation_rules("fsdp_tensor"):
+            assert _constraint_specs(lambda x: constrain(x, axes), x) == [str(P(None, "tensor", None))]
+        with activation_rules("fsdp_tensor_sp"):
+            assert _constraint_specs(lambda x: constrain(x, axes), x) == [str(P("tensor", None, None))]
+        with activation_rules("fsdp"):  # activations split over the batch only
+            assert _constraint_specs(lambda x: constrain(x, axes), x) == [str(P(None, None, None))]
+        # A table naming a batch axis: kept out while a vmap's spmd_axis_name uses it, used otherwise.
+        table = {"act_length": "fsdp", "act_heads": "tensor"}
+        with activation_rules(table, batch_axes=BATCH_AXES):
+            assert _constraint_specs(lambda x: constrain(x, axes), x) == [str(P(None, "tensor", None))]
+        with activation_rules(table):
+            assert _constraint_specs(lambda x: constrain(x, axes), x) == [str(P("fsdp", "tensor", None))]
+    # Every table that names an activation maps it to a mesh axis, and never to a batch axis.
+    for name, table in RULES.items():
+        acts = {k: v for k, v in table.items() if k.startswith("act_")}
+        assert all(v in MESH_AXES and v not in BATCH_AXES for v in acts.values()), (name, acts)
+
+
+CONSTRAIN_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from unimedvl_jax.sharding import BATCH_AXES, activation_rules, constrain, make_mesh
+
+    mesh = make_mesh((2, 2, 2))
+    x = jnp.arange(8 * 6 * 5 * 4, dtype=jnp.float32).reshape(8, 6, 5, 4)
+
+    def step(x, table):
+        # The train step's shape: packs vmapped over the batch axes, the model sees one pack (length, heads, dim).
+        def one(pack):
+            with activation_rules(table, batch_axes=BATCH_AXES):
+                return jnp.sin(constrain(pack, ("act_length", "act_heads", None))) * 2
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return jax.vmap(one, spmd_axis_name=BATCH_AXES)(x)
+
+    data = NamedSharding(mesh, P(BATCH_AXES))
+    want = jnp.sin(x) * 2
+    # heads (5) do not divide over tensor: dropped; length (6) does under the sequence-parallel name.
+    cases = (({"act_heads": "tensor"}, '[{"data", "fsdp"}, {}, {}, {}]', P(BATCH_AXES), "f32[2,6,5,4]"),
+             ({"act_length": "tensor", "act_heads": "tensor"}, '[{"data", "fsdp"}, {"tensor"}, {}, {}]',
+              P(BATCH_AXES, "tensor"), "f32[2,3,5,4]"),
+             ({"act_length": "fsdp"}, '[{"data", "fsdp"}, {}, {}, {}]', P(BATCH_AXES), "f32[2,6,5,4]"))
+    for table, spec, out_spec, per_device in cases:
+        f = jax.jit(lambda x, t=table: step(x, t), in_shardings=data)
+        lowered = f.lower(x)
+        text = lowered.as_text()
+        assert text.count("sdy.sharding_constraint") == 1 and spec in text, (table, text)
+        assert per_device in lowered.compile().as_text(), (table, per_device)
+        out = f(x)
+        assert out.sharding.spec == out_spec, (table, out.sharding)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+        print("OK", table, flush=True)
+    # The raw constraint naming a batch axis inside the vmap is an error, which activation_rules avoids.
+    try:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            jax.vmap(lambda p: jax.lax.with_sharding_constraint(p, P("fsdp")), spmd_axis_name=BATCH_AXES)(x)
+        raise AssertionError("expected an error")
+    except ValueError as e:
+        assert "spmd_axis_name" in str(e), e
+    print("ALL-OK")
+""")
+
+
+def test_activation_constraints_inside_the_batch_vmap_on_eight_devices():
+    """Constraints under vmap(spmd_axis_name=BATCH_AXES) on a (2,2,2) mesh: the StableHLO carries the batch axes plus
+    the table's axis where it divides, the compiled per-device shapes are sharded so, values are unchanged, and a
+    table naming a batch axis inside the vmap is resolved without it (the raw constraint would raise)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-c", CONSTRAIN_SCRIPT], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=600)
+    assert "ALL-OK" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]

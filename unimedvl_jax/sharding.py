@@ -4,10 +4,19 @@ Every parameter carries logical axis names (models/layers.annotated_param). A ru
 to a mesh axis (or None = replicated along that dim). `partition_spec` resolves one parameter: a mesh axis is used
 at most once per parameter (first dim wins) and only where it divides the dimension — otherwise that dim stays
 replicated, so every table works for every shape (tiny configs included).
+
+Activations carry logical names too (the `act_*` names below), in the same tables: the model calls
+`constrain(x, axes)` at layer boundaries, which is jax.lax.with_sharding_constraint to the spec the active table
+resolves, or nothing when no table is active (`activation_rules`) or no mesh is set. A name a table leaves out is
+replicated. The pack (batch) axis has no logical name: the train step vmaps the model over packs with
+spmd_axis_name=BATCH_AXES, which prepends the batch axes to every constraint inside, so inside the model an
+activation is (length, ...) and the batch axes are kept out of its spec.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -17,17 +26,33 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Logical axis names used by the model, grouped for the tables below.
+# Logical axis names of activations (inside one pack, see the module docstring):
+#   act_length        token axis of the residual stream (LLM and ViT layer inputs/outputs, expert token buffers);
+#                     mapping it to a mesh axis is sequence parallelism
+#   act_block_length  token axis inside attention and MLP blocks (q / k / v) and of the CE logits
+#   act_embed         hidden (model) dimension of the residual stream
+#   act_heads         query / ViT attention heads;  act_kv_heads  key / value heads (GQA)
+#   act_mlp           MLP hidden dimension;  act_vocab  vocabulary of the logits
+# Megatron-style tensor parallelism of the activations: heads, MLP hidden and vocab over tensor.
+RESIDUAL = ("act_length", "act_embed")  # the residual stream (tokens, hidden) of the LLM and the ViT
+TENSOR_ACTIVATIONS = {"act_heads": "tensor", "act_kv_heads": "tensor", "act_mlp": "tensor", "act_vocab": "tensor"}
+
+# The rules tables: logical name (of a parameter or an activation) → mesh axis; names left out are replicated.
 RULES = {
-    # Pure data parallelism: every parameter replicated.
+    # Pure data parallelism: every parameter replicated, activations split over the batch only.
     "dp": {},
-    # ZeRO-3 style: shard the model (hidden) dimension of every matrix and table over fsdp.
+    # ZeRO-3 style: shard the model (hidden) dimension of every matrix and table over fsdp; activations split over
+    # the batch only (never along embed).
     "fsdp": {"embed": "fsdp", "vit_embed": "fsdp", "embed_in": "fsdp", "vocab": "fsdp", "vae_in": "fsdp"},
-    # FSDP on the hidden dimension + Megatron-style tensor parallelism on heads / MLP / vocab.
+    # FSDP on the hidden dimension + Megatron-style tensor parallelism on heads / MLP / vocab, parameters and
+    # activations (length and embed of the residual stream replicated over tensor).
     "fsdp_tensor": {"embed": "fsdp", "vit_embed": "fsdp", "embed_in": "fsdp", "vae_in": "fsdp",
                     "q_heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor",
-                    "vit_heads": "tensor", "vit_mlp": "tensor"},
+                    "vit_heads": "tensor", "vit_mlp": "tensor", **TENSOR_ACTIVATIONS},
 }
+# fsdp_tensor + sequence parallelism: the residual stream (and the norms on it) split along tokens over tensor
+# between the tensor-parallel attention / MLP blocks (Megatron-SP).
+RULES["fsdp_tensor_sp"] = {**RULES["fsdp_tensor"], "act_length": "tensor"}
 
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes the global batch (packs) is split over
@@ -83,9 +108,10 @@ def rules_table(name_or_table) -> dict:
     return dict(name_or_table)
 
 
-def partition_spec(axes, shape, rules, mesh: Mesh) -> PartitionSpec:
-    """The PartitionSpec of one parameter with logical `axes` and `shape` under `rules` on `mesh`."""
-    spec, used = [], set()
+def partition_spec(axes, shape, rules, mesh, reserved=()) -> PartitionSpec:
+    """The PartitionSpec of one parameter (or activation) with logical `axes` and `shape` under `rules` on `mesh`
+    (a Mesh or AbstractMesh); mesh axes in `reserved` (already used by an enclosing vmap) are never used."""
+    spec, used = [], set(reserved)
     for name, dim in zip(axes, shape):
         axis = rules.get(name)
         if axis is None or axis in used or dim % mesh.shape[axis]:
@@ -94,6 +120,52 @@ def partition_spec(axes, shape, rules, mesh: Mesh) -> PartitionSpec:
         spec.append(axis)
         used.add(axis)
     return PartitionSpec(*spec)
+
+
+_ACTIVE_RULES = contextvars.ContextVar("activation_rules", default=None)
+
+
+@contextlib.contextmanager
+def activation_rules(rules, *, batch_axes=()):
+    """Inside this context (at trace time) `constrain` resolves activation specs with `rules` (a table or its name;
+    None = constraints off). `batch_axes`: mesh axes an enclosing vmap's spmd_axis_name already splits the batch
+    over (the train step passes BATCH_AXES); they are kept out of every activation spec, since with_sharding_constraint
+    rejects a spec that names them again."""
+    token = _ACTIVE_RULES.set(None if rules is None else (rules_table(rules), tuple(batch_axes)))
+    try:
+        yield
+    finally:
+        _ACTIVE_RULES.reset(token)
+
+
+def constrain(x, logical_axes):
+    """with_sharding_constraint of activation `x` to the spec of its `logical_axes` (one per dim, None = no name)
+    under the active rules and the current (abstract) mesh; a no-op without either. The values never change."""
+    active = _ACTIVE_RULES.get()
+    if active is None:
+        return x
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    rules, batch_axes = active
+    return jax.lax.with_sharding_constraint(x, partition_spec(logical_axes, x.shape, rules, mesh, batch_axes))
+
+
+def constrain_state(state: nnx.State, rules):
+    """with_sharding_constraint of every variable of `state` to its parameter sharding under `rules` on the current
+    (abstract) mesh (e.g. parameters cast to a compute dtype inside the step keep the master copy's sharding, so FSDP
+    gathers the cast values); a no-op without a mesh or with rules None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty:
+        return state
+    rules = rules_table(rules)
+
+    def one(var):
+        value = var.get_value()
+        axes = var.get_metadata().get("out_sharding") or (None,) * len(value.shape)
+        return var.replace(jax.lax.with_sharding_constraint(value, partition_spec(axes, value.shape, rules, mesh)))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def state_shardings(state: nnx.State, rules, mesh: Mesh):

@@ -27,7 +27,7 @@ from flax import nnx, struct
 from unimedvl_jax.curriculum import StageSchedule
 from unimedvl_jax.models.unimedvl import loss_counts, packed_loss
 from unimedvl_jax.packed_batch import PackedBatch
-from unimedvl_jax.sharding import BATCH_AXES
+from unimedvl_jax.sharding import BATCH_AXES, activation_rules, constrain_state
 
 
 @struct.dataclass
@@ -100,10 +100,12 @@ def make_tables(cfg, params: nnx.State) -> TrainTables:
 
 def make_optimizer(cfg, tables: TrainTables) -> optax.GradientTransformation:
     """Clip by global norm, then AdamW with the joined per-stage LR schedule (docs/training.md §7.2 defaults in
-    cfg.optim)."""
+    cfg.optim; Adam's first moment in optim.mu_dtype when set)."""
     o = cfg.optim
+    mu_dtype = o.get("mu_dtype") or None
     return optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                       optax.adamw(tables.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+                       optax.adamw(tables.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                                   mu_dtype=None if mu_dtype is None else jnp.dtype(mu_dtype)))
 
 
 def init_train_state(params: nnx.State, tx) -> TrainState:
@@ -171,10 +173,29 @@ def _with_schedule_count(opt_state, count):
                         opt_state, is_leaf=is_sched)
 
 
+def compute_weights(params: nnx.State, dtype, rules=None) -> nnx.State:
+    """The float parameters cast to `dtype` (None = unchanged), each constrained to its master copy's sharding
+    under `rules` (so FSDP all-gathers move `dtype`); other leaves untouched. Differentiable: gradients come back in
+    the master dtype."""
+    if dtype is None:
+        return params
+    cast = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+    return constrain_state(cast, rules)
+
+
 def make_train_step(graphdef, rest_state, tx, tables: TrainTables, cfg):
-    """The pure step function (state, batch, key) -> (state, metrics); jit it with shardings and donation."""
+    """The pure step function (state, batch, key) -> (state, metrics); jit it with shardings and donation.
+
+    With a `mesh` section, the model's activation constraints use the mesh.rules table (off with
+    mesh.constrain_activations=False); optim.compute_weights_dtype runs the forward/backward on parameters cast to
+    that dtype while the state keeps (and updates) the master copy."""
     ema_decay = float(cfg.optim.ema_decay)
     accum = int(cfg.optim.get("grad_accum_steps", 1))
+    mesh_cfg = cfg.get("mesh")
+    rules = None if mesh_cfg is None else mesh_cfg.rules
+    act_rules = rules if mesh_cfg is not None and mesh_cfg.get("constrain_activations", True) else None
+    weights_dtype = cfg.optim.get("compute_weights_dtype") or None
+    weights_dtype = None if weights_dtype is None else jnp.dtype(weights_dtype)
     boundaries = jnp.asarray(tables.boundaries)
     ce_w, mse_w = jnp.asarray(tables.ce_weight), jnp.asarray(tables.mse_weight)
     patch_dim = cfg.model.latent_patch_size ** 2 * cfg.model.vae.z_channels
@@ -193,10 +214,13 @@ def make_train_step(graphdef, rest_state, tx, tables: TrainTables, cfg):
 
     def loss_fn(params, batch: PackedBatch, keys, stage, counts):
         """This (micro-)batch's share of the docs/packed_sequence.md §4.6 loss: the sum of its packs' shares."""
-        # Under a mesh the pack axis is split over the batch axes, also inside per-device kernels (shard_map).
+        # Under a mesh the pack axis is split over the batch axes, also inside per-device kernels (shard_map) and
+        # in every activation constraint (sharding.constrain) inside the model.
         spmd = None if jax.sharding.get_abstract_mesh().empty else BATCH_AXES
-        loss, (ce, mse) = jax.vmap(pack_loss, in_axes=(None, 0, 0, None, None), spmd_axis_name=spmd)(
-            params, batch, keys, stage, counts)
+        params = compute_weights(params, weights_dtype, rules)
+        with activation_rules(act_rules, batch_axes=spmd or ()):
+            loss, (ce, mse) = jax.vmap(pack_loss, in_axes=(None, 0, 0, None, None), spmd_axis_name=spmd)(
+                params, batch, keys, stage, counts)
         return jnp.sum(loss), (jnp.sum(ce), jnp.sum(mse))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

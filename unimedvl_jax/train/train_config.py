@@ -33,7 +33,16 @@ train.init_vae_from              a VAE checkpoint (unimedvl-train-vae) installed
 mesh.shape      (data, fsdp, tensor); one entry may be -1 (= the remaining devices)
 mesh.dcn_shape  multi-slice (DCN) split of mesh.shape: slices along each axis (default (1, 1, 1)); e.g. shape
                 (4, 16, 1) with dcn_shape (2, 1, 1) = 2 slices of (2, 16, 1) joined over data (sharding.make_mesh)
-mesh.rules      logical-axis rules table: 'dp' | 'fsdp' | 'fsdp_tensor' (unimedvl_jax/sharding.py)
+mesh.rules      logical-axis rules table for parameters and activations (unimedvl_jax/sharding.py RULES):
+                'dp'             parameters replicated; activations split over the batch (packs) only
+                'fsdp'           hidden dim of parameters over fsdp; activations split over the batch only
+                'fsdp_tensor'    fsdp + Megatron tensor parallelism: heads / kv heads / MLP / vocab of parameters
+                                 and of activations (q/k/v, MLP hidden, logits) over tensor; residual stream
+                                 (length, embed) replicated over tensor
+                'fsdp_tensor_sp' fsdp_tensor + sequence parallelism: the residual stream's tokens over tensor
+                                 (act_length → tensor) between the tensor-parallel blocks
+mesh.constrain_activations  apply the table's activation constraints (sharding.constrain) inside the train step;
+                False = only parameters and the batch are placed, XLA propagates the rest
 """
 
 from __future__ import annotations
@@ -64,10 +73,12 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     return c
 
 
-def mesh_config(shape=(-1, 1, 1), rules="dp", dcn_shape=(1, 1, 1)) -> ml_collections.ConfigDict:
-    """The `mesh` section: device mesh shape over (data, fsdp, tensor), its multi-slice (DCN) split and the
-    sharding rules table name."""
-    return ml_collections.ConfigDict(dict(shape=tuple(shape), rules=rules, dcn_shape=tuple(dcn_shape)))
+def mesh_config(shape=(-1, 1, 1), rules="dp", dcn_shape=(1, 1, 1),
+                constrain_activations=True) -> ml_collections.ConfigDict:
+    """The `mesh` section: device mesh shape over (data, fsdp, tensor), its multi-slice (DCN) split, the
+    sharding rules table name and whether the step applies its activation constraints (module docstring)."""
+    return ml_collections.ConfigDict(dict(shape=tuple(shape), rules=rules, dcn_shape=tuple(dcn_shape),
+                                          constrain_activations=bool(constrain_activations)))
 
 
 def add_train_sections(cfg: ml_collections.ConfigDict, *, mesh_shape=(-1, 1, 1), rules="dp",
