@@ -22,7 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
         vit_max_num_patch_per_side=70,
         dtype="bfloat16",
         attention_backend="chunked",
-        remat=True,
+        scan_layers=True,
+        remat_policy="full",
     )
     # BAGEL fine-tune token budget (docs/training.md §7.2: expected 10240, max 11520 tokens per pack); transforms of
     # docs/inference.md §5.5 / docs/preprocessing.md §6.

@@ -10,6 +10,9 @@ import ml_collections
 
 LAYER_MODULES = ("dense", "moe", "mot")
 ATTENTION_BACKENDS = ("auto", "dense", "chunked", "blocksparse", "splash", "pallas_gpu")
+# models/remat.py REMAT_POLICIES (defined there; listed here so that configs are checked without the models)
+REMAT_POLICY_NAMES = ("none", "full", "minimal", "save_qkv_proj", "save_attention_out", "offload_qkv_proj",
+                      "offload_attention_out")
 
 
 def llm_config(**overrides) -> ml_collections.ConfigDict:
@@ -65,7 +68,12 @@ def model_config(*, llm=None, vit=None, vae=None, **overrides) -> ml_collections
         attention_block_size=512,
         dtype="float32",  # activation/compute dtype
         param_dtype="float32",  # master weight dtype
-        remat=False,  # rematerialise each decoder layer in the backward pass
+        # Memory for large runs (docs/memory.md): decoder / ViT layers as one scanned body over stacked parameters,
+        # and the rematerialisation policy of each decoder and ViT layer (models/remat.py REMAT_POLICIES).
+        scan_layers=False,
+        remat_policy="none",
+        ce_chunk_size=0,  # lm_head + CE over this many CE rows at a time, logits recomputed in the backward (0: all)
+        vae_images_per_call=0,  # VAE encode / decode this many images per call (0: 1 on CPU, all elsewhere)
     ))
     c.update(overrides)
     return c
@@ -88,7 +96,16 @@ def validate_model_config(c: ml_collections.ConfigDict) -> None:
     if c.vae.downsample != 2 ** (len(c.vae.ch_mult) - 1):
         errors.append(f"vae.downsample={c.vae.downsample} must equal 2**(len(ch_mult)-1)="
                       f"{2 ** (len(c.vae.ch_mult) - 1)}")
+    if remat_policy(c) not in REMAT_POLICY_NAMES:
+        errors.append(f"remat_policy={remat_policy(c)!r} not in {REMAT_POLICY_NAMES}")
     if c.attention_backend not in ATTENTION_BACKENDS:
         errors.append(f"attention_backend={c.attention_backend!r} not in {ATTENTION_BACKENDS}")
     if errors:
         raise ValueError("invalid UniMedVL model config:\n  " + "\n  ".join(errors))
+
+
+def remat_policy(c: ml_collections.ConfigDict) -> str:
+    """The model's remat policy name; configs written before `remat_policy` existed say remat=True / False."""
+    if "remat_policy" in c:
+        return c.remat_policy
+    return "full" if c.get("remat", False) else "none"

@@ -351,3 +351,30 @@ def test_padding_invariance(model, samples, padding):
     np.testing.assert_array_equal(padded.mse_mask[:n_vae], exact.mse_mask)
     assert not np.any(padded.ce_mask[n_ce:]) and not np.any(padded.mse_mask[n_vae:])
     assert np.all(np.isfinite(padded.hidden))
+
+
+@pytest.mark.parametrize("chunk", [5, 8])
+def test_chunked_cross_entropy_equals_the_full_one(model, chunk):
+    """model.ce_chunk_size: 16 CE rows through lm_head `chunk` at a time (5: a padded last chunk) give the same
+    per-row CE, loss and gradients as all rows at once; the logits are then not kept."""
+    samples = [[vit(2, 2), txt(6, loss=True)], [txt(4), txt(7, loss=True)]]
+    batch, latents, noise = build_packed_batch(samples, CFG, rng=1, **STATIC)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params, chunk_size):
+        m = nnx.merge(graphdef, params, rest)
+        m.cfg.ce_chunk_size = chunk_size
+        out = m(batch, latents, noise)
+        return packed_loss(out, batch.ce_weight)[0], out
+
+    try:
+        grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+        (full, out_full), g_full = grad_fn(params, 0)
+        (chunked, out_chunked), g_chunked = grad_fn(params, chunk)
+    finally:
+        model.cfg.ce_chunk_size = 0
+    assert out_full.ce_logits.shape[1] == CFG.llm.vocab_size and out_chunked.ce_logits.shape[1] == 0
+    np.testing.assert_allclose(out_chunked.ce, out_full.ce, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(chunked, full, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_full)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=max(1e-5 * float(np.abs(b).max()), 1e-9))

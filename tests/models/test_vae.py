@@ -320,3 +320,19 @@ def test_wrong_downsample_raises():
     with pytest.raises(ValueError, match="downsample"):
         AutoEncoder(vae_config(ch=32, ch_mult=[1, 2], downsample=8, z_channels=4, norm_groups=8),
                     rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("per_call", [2, 5])
+def test_images_per_call_bounds_the_batch_without_changing_values(tiny_ae, per_call):
+    """model.vae_images_per_call: 5 images encoded and decoded `per_call` at a time (a remainder included) equal all
+    at once."""
+    _, model = tiny_ae
+    x = jax.random.uniform(jax.random.key(3), (5, 8, 12, 3), minval=-1, maxval=1)
+    z = jax.random.normal(jax.random.key(4), (5, 4, 6, 4))
+    reference = (model.encode_moments(x)[0], model.decode(z))
+    model.images_per_call = per_call
+    try:
+        np.testing.assert_allclose(model.encode_moments(x)[0], reference[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(model.decode(z), reference[1], rtol=1e-5, atol=1e-5)
+    finally:
+        model.images_per_call = 0

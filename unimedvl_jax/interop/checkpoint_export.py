@@ -109,7 +109,7 @@ def export_official(source, cfg, out_dir, *, dtype: str = "bfloat16", tokenizer_
 
             def produce(key, by_key=by_key):
                 e = by_key[key]
-                return TO_OFFICIAL[e.transform](host_array(values[e.path])).astype(np_dtype)
+                return TO_OFFICIAL[e.transform](host_array(e.select(values[e.path]))).astype(np_dtype)
 
             specs = [(e.key, e.official_shape, np_dtype) for e in file_entries]
             if writer:

@@ -72,7 +72,8 @@ def import_official(ckpt_dir, *, cfg=None, weights_file: str = EMA_FILE, allow_o
     """Build a UniMedVL from an official directory; returns (model, config, ImportReport).
 
     cfg: explicit model config (default: read from the JSON files). weights_file: 'ema.safetensors' (default) or
-    'model.safetensors'. place(entry, array) puts one tensor on its device/sharding (default: jnp.asarray).
+    'model.safetensors'. place(entry, array) puts one variable's value on its device/sharding (default:
+    jnp.asarray); for a stacked variable (scanned layers) `array` holds every layer and `entry` is the last layer's.
     """
     cfg = cfg if cfg is not None else model_config_from_official(ckpt_dir)
     param_dtype = dtype_of(cfg.param_dtype)
@@ -90,13 +91,17 @@ def import_official(ckpt_dir, *, cfg=None, weights_file: str = EMA_FILE, allow_o
                 f"checkpoint {ckpt_dir} does not match the model config ({len(problems)} problems):\n  "
                 + "\n  ".join(problems))
         place = place or (lambda entry, arr: jnp.asarray(arr))
-        by_path = {e.path: e for e in entries}
+        by_path = {}
+        for e in entries:  # a stacked variable (scanned layers) has one entry per layer, in layer order
+            by_path.setdefault(e.path, []).append(e)
         loaded = {EMA_FILE: 0, AE_FILE: 0}
         for path, var in nnx.to_flat_state(state):
-            entry = by_path[tuple(path)]
-            arr = FROM_OFFICIAL[entry.transform](readers[entry.file].get(entry.key)).astype(param_dtype)
+            tensors = []
+            for entry in by_path[tuple(path)]:
+                tensors.append(FROM_OFFICIAL[entry.transform](readers[entry.file].get(entry.key)).astype(param_dtype))
+                loaded[entry.file] += 1
+            arr = tensors[0] if entry.layer is None else np.stack(tensors)
             var.set_value(place(entry, arr))
-            loaded[entry.file] += 1
     finally:
         for r in readers.values():
             r.close()

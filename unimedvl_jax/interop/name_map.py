@@ -8,6 +8,9 @@ mirror the official module names; the table only needs the few rules below:
   * a layout transform: Dense kernels (in, out) <-> torch Linear (out, in); conv kernels HWIO <-> OIHW.
     The ViT patch embedding is already a Linear over (row, col, channel) patches in the official layout
     (docs/model.md §3.5, conv-as-linear), so it is a plain transpose.
+  * scanned layers (model.scan_layers, models/layer_stack.py): a variable whose first logical axis is `layers`
+    holds every layer; it has one entry per layer (`layer` = its index on that axis), whose official key has the
+    index after the `layers` module, exactly as the looped model's `layers.<i>` paths give.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from unimedvl_jax.models.bridges import PositionTable
+from unimedvl_jax.models.layer_stack import LAYER_AXIS
 
 EMA_FILE = "ema.safetensors"
 AE_FILE = "ae.safetensors"
@@ -46,7 +50,8 @@ FROM_OFFICIAL = {
 
 @dataclasses.dataclass(frozen=True)
 class NameMapEntry:
-    """One parameter: JAX path, official file and key, transform, both shapes and whether it is trainable."""
+    """One official tensor: JAX path (and layer index into a stacked variable), official file and key, transform,
+    both shapes (per layer) and whether it is trainable."""
 
     path: tuple
     file: str
@@ -56,11 +61,16 @@ class NameMapEntry:
     official_shape: tuple
     dtype: np.dtype
     frozen_table: bool
-    axes: tuple  # logical axis names of the JAX parameter (for placing it on a mesh)
+    axes: tuple  # logical axis names of the JAX variable (for placing it on a mesh; stacked: `layers` first)
+    layer: int | None = None  # index on the leading layer axis of a stacked variable, else None
 
     @property
     def jax_name(self) -> str:
-        return ".".join(str(p) for p in self.path)
+        return ".".join(str(p) for p in self.path) + ("" if self.layer is None else f"[{self.layer}]")
+
+    def select(self, value):
+        """This entry's tensor (JAX layout) from its variable's value: the layer's slice of a stacked variable."""
+        return value if self.layer is None else value[self.layer]
 
 
 def _transform_for(leaf: str, ndim: int) -> str:
@@ -100,13 +110,26 @@ def build_name_map(model_or_state) -> list[NameMapEntry]:
     for path, var in nnx.to_flat_state(state):
         value = var.get_value()
         shape = tuple(value.shape)
-        file, key, leaf = official_location(path)
-        transform = _transform_for(leaf, len(shape))
-        entries.append(NameMapEntry(path=tuple(path), file=file, key=key, transform=transform, jax_shape=shape,
-                                    official_shape=official_shape(transform, shape), dtype=np.dtype(value.dtype),
-                                    frozen_table=isinstance(var, PositionTable),
-                                    axes=tuple(var.get_metadata().get("out_sharding") or ())))
+        axes = tuple(var.get_metadata().get("out_sharding") or ())
+        stacked = bool(axes) and axes[0] == LAYER_AXIS
+        layers = range(shape[0]) if stacked else [None]
+        shape = shape[1:] if stacked else shape
+        for layer in layers:
+            file, key, leaf = official_location(_layer_path(path) + (layer,) + tuple(path)[len(_layer_path(path)):]
+                                                if stacked else path)
+            transform = _transform_for(leaf, len(shape))
+            entries.append(NameMapEntry(path=tuple(path), file=file, key=key, transform=transform, jax_shape=shape,
+                                        official_shape=official_shape(transform, shape),
+                                        dtype=np.dtype(value.dtype), frozen_table=isinstance(var, PositionTable),
+                                        axes=axes, layer=layer))
     keys = [(e.file, e.key) for e in entries]
     if len(set(keys)) != len(keys):
         raise AssertionError("name map is not one-to-one")
     return entries
+
+
+def _layer_path(path) -> tuple:
+    """The path of a stacked variable up to and including its `layers` module."""
+    path = tuple(path)
+    cut = max(i for i, p in enumerate(path) if str(p) == "layers")
+    return path[:cut + 1]

@@ -8,6 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unimedvl_jax.models import remat
+from unimedvl_jax.sharding import constrain
+
 
 def dtype_of(name: str | None):
     """Map a config dtype string ('float32', 'bfloat16') to a jnp dtype."""
@@ -141,10 +144,11 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel + bias with kernel (in, out) annotated by logical axes (in_axis, out_axis)."""
+    """y = x @ kernel + bias with kernel (in, out) annotated by logical axes (in_axis, out_axis); `save_name` tags y
+    for the remat policies (models/remat.py)."""
 
     def __init__(self, in_features, out_features, *, axes, use_bias=True, dtype=None,
-                 param_dtype=jnp.float32, kernel_init=None, bias_init=None, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, kernel_init=None, bias_init=None, save_name=None, rngs: nnx.Rngs):
         kernel_init = kernel_init or torch_default_init(in_features)
         self.kernel = annotated_param(rngs, kernel_init, (in_features, out_features), axes, param_dtype)
         if use_bias:
@@ -153,13 +157,14 @@ class Linear(nnx.Module):
         else:
             self.bias = None
         self.dtype = dtype
+        self.save_name = save_name
 
     def __call__(self, x):
         dtype = self.dtype or x.dtype
         y = matmul(x.astype(dtype), self.kernel[...].astype(dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
-        return y
+        return remat.tag(y, self.save_name)
 
 
 class Embed(nnx.Module):
@@ -180,10 +185,11 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
+        rows = x.reshape(-1, x.shape[-1])  # the weight gradient is then one reduction over rows, however fused
+        x32 = rows.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         w = self.weight[...]
-        return w * normed.astype(x.dtype)
+        return (w * normed.astype(x.dtype)).reshape(x.shape)
 
 
 class LayerNorm(nnx.Module):
@@ -228,22 +234,28 @@ class SwiGLU(nnx.Module):
 
     def __init__(self, hidden, intermediate, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
-        self.up_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
-        self.down_proj = Linear(intermediate, hidden, axes=("mlp", "embed"), **kw)
+        self.gate_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), save_name=remat.MLP_GATE, **kw)
+        self.up_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), save_name=remat.MLP_UP, **kw)
+        self.down_proj = Linear(intermediate, hidden, axes=("mlp", "embed"), save_name=remat.MLP_DOWN, **kw)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), ("act_block_length", "act_mlp"))
+        return self.down_proj(hidden)
 
 
 class GeluMLP(nnx.Module):
-    """fc2(gelu_tanh(fc1(x))) with biases: SigLIP MLP (docs/model.md §3.5) and the connector (docs/model.md §3.8)."""
+    """fc2(gelu_tanh(fc1(x))) with biases: SigLIP MLP (docs/model.md §3.5) and the connector (docs/model.md §3.8);
+    `act_hidden`: the logical activation axis of the hidden (sharding.constrain), None = unconstrained."""
 
-    def __init__(self, d_in, d_hidden, d_out, *, axes_in, axes_hidden, axes_out, dtype=None,
+    def __init__(self, d_in, d_hidden, d_out, *, axes_in, axes_hidden, axes_out, act_hidden=None, dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = Linear(d_in, d_hidden, axes=(axes_in, axes_hidden), **kw)
-        self.fc2 = Linear(d_hidden, d_out, axes=(axes_hidden, axes_out), **kw)
+        self.act_hidden = act_hidden
+        self.fc1 = Linear(d_in, d_hidden, axes=(axes_in, axes_hidden), save_name=remat.MLP_UP, **kw)
+        self.fc2 = Linear(d_hidden, d_out, axes=(axes_hidden, axes_out), save_name=remat.MLP_DOWN, **kw)
 
     def __call__(self, x):
-        return self.fc2(gelu_tanh(self.fc1(x)))
+        hidden = gelu_tanh(self.fc1(x))
+        if self.act_hidden is not None:
+            hidden = constrain(hidden, ("act_block_length", self.act_hidden))
+        return self.fc2(hidden)

@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unimedvl_jax.models import remat
 from unimedvl_jax.models.attention import TokenMeta, packed_attention
+from unimedvl_jax.models.layer_stack import apply_layers, stack_layers
 from unimedvl_jax.models.layers import (
     Embed,
     Linear,
@@ -25,6 +27,7 @@ from unimedvl_jax.models.layers import (
     rope_cos_sin,
 )
 from unimedvl_jax.models.routing import apply_experts, gather_tokens, scatter_tokens
+from unimedvl_jax.sharding import RESIDUAL, constrain
 
 GEN_SUFFIX = "_moe_gen"
 
@@ -49,13 +52,14 @@ class PackedAttention(nnx.Module):
         kv = cfg.num_kv_heads * d
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         for name in expert_names("q_proj", num_experts):
-            setattr(self, name, Linear(h, h, axes=("embed", "q_heads"), **kw))
+            setattr(self, name, Linear(h, h, axes=("embed", "q_heads"), save_name=remat.QUERY, **kw))
         for name in expert_names("k_proj", num_experts):
-            setattr(self, name, Linear(h, kv, axes=("embed", "kv_heads"), **kw))
+            setattr(self, name, Linear(h, kv, axes=("embed", "kv_heads"), save_name=remat.KEY, **kw))
         for name in expert_names("v_proj", num_experts):
-            setattr(self, name, Linear(h, kv, axes=("embed", "kv_heads"), **kw))
+            setattr(self, name, Linear(h, kv, axes=("embed", "kv_heads"), save_name=remat.VALUE, **kw))
         for name in expert_names("o_proj", num_experts):
-            setattr(self, name, Linear(h, h, axes=("q_heads", "embed"), use_bias=False, **kw))
+            setattr(self, name, Linear(h, h, axes=("q_heads", "embed"), use_bias=False, save_name=remat.OUT_PROJ,
+                                       **kw))
         if cfg.qk_norm:
             for base in ("q_norm", "k_norm"):
                 for name in expert_names(base, num_experts):
@@ -86,6 +90,8 @@ class PackedAttention(nnx.Module):
         qkv = [self.project_qkv(e, xe) for e, xe in enumerate(x_normed_per_expert)]
         q, k, v = (scatter_tokens([t[i] for t in qkv], expert_indexes, length) for i in range(3))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = constrain(q, ("act_block_length", "act_heads", None))
+        k, v = (constrain(t, ("act_block_length", "act_kv_heads", None)) for t in (k, v))
         if past is None:
             keys, values, key_meta = k, v, meta
         else:
@@ -94,7 +100,7 @@ class PackedAttention(nnx.Module):
             values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (start, 0, 0))
         out = packed_attention(q, keys.astype(q.dtype), values.astype(q.dtype), meta, key_meta, backend=backend,
                                block_size=block_size)
-        out = out.reshape(length, self.num_heads * self.head_dim)
+        out = remat.tag(out.reshape(length, self.num_heads * self.head_dim), remat.ATTENTION_OUT)
         outs = [o(gather_tokens(out, idx)) for o, idx in zip(_experts(self, "o_proj", self.num_experts),
                                                              expert_indexes)]
         return outs, (keys, values)
@@ -124,33 +130,35 @@ class DecoderLayer(nnx.Module):
         """
         attn_indexes = expert_indexes if self.attn_experts == 2 else [None]
         mlp_indexes = expert_indexes if self.mlp_experts == 2 else [None]
-        xs = [gather_tokens(x, idx) for idx in attn_indexes]
+        x = constrain(x, RESIDUAL)  # residual stream and expert token buffers: (act_length, act_embed)
+        xs = [constrain(gather_tokens(x, idx), RESIDUAL) for idx in attn_indexes]
         normed = [n(xe) for n, xe in zip(_experts(self, "input_layernorm", self.attn_experts), xs)]
         attn, kv = self.self_attn(normed, attn_indexes, cos, sin, meta, backend=backend, block_size=block_size,
                                   past=past)
-        h = scatter_tokens([xe + a for xe, a in zip(xs, attn)], attn_indexes, x.shape[0])
+        h = constrain(scatter_tokens([xe + a for xe, a in zip(xs, attn)], attn_indexes, x.shape[0]), RESIDUAL)
         if self.attn_experts == self.mlp_experts:
             # MoT: norm2 and MLP use the same expert split as attention.
-            hs = [gather_tokens(h, idx) for idx in mlp_indexes]
+            hs = [constrain(gather_tokens(h, idx), RESIDUAL) for idx in mlp_indexes]
             outs = [he + mlp(n(he)) for he, n, mlp in zip(
                 hs, _experts(self, "post_attention_layernorm", self.attn_experts),
                 _experts(self, "mlp", self.mlp_experts))]
-            return scatter_tokens(outs, mlp_indexes, x.shape[0]), kv
+            return constrain(scatter_tokens(outs, mlp_indexes, x.shape[0]), RESIDUAL), kv
         # dense (1 expert everywhere) never reaches here; MoE: shared norm2, split MLP.
         z = self.post_attention_layernorm(h)
         mlps = _experts(self, "mlp", self.mlp_experts)
-        return h + apply_experts(mlps, z, mlp_indexes, lambda mlp, t: mlp(t)), kv
+        return constrain(h + apply_experts(mlps, z, mlp_indexes, lambda mlp, t: mlp(t)), RESIDUAL), kv
 
 
 class Qwen2Model(nnx.Module):
     """Embedding, decoder layers and the final norms (`norm` for und tokens, `norm_moe_gen` for gen tokens)."""
 
-    def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, dtype, param_dtype, scan_layers=False, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), param_dtype=param_dtype,
                                   rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(cfg.num_layers)])
+        layers = [DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)]
+        # scan_layers: one module with a leading layer axis, run by jax.lax.scan (models/layer_stack.py)
+        self.layers = stack_layers(layers) if scan_layers else nnx.List(layers)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", param_dtype=param_dtype)
         self.num_final_norms = 1 if cfg.layer_module == "dense" else 2
         if self.num_final_norms == 2:
@@ -159,12 +167,13 @@ class Qwen2Model(nnx.Module):
 
 
 class Qwen2ForCausalLM(nnx.Module):
-    """The packed Qwen2 LLM with untied `lm_head` (docs/model.md §1.1)."""
+    """The packed Qwen2 LLM with untied `lm_head` (docs/model.md §1.1); decoder layers looped or scanned
+    (`scan_layers`, models/layer_stack.py)."""
 
-    def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, scan_layers=False, rngs: nnx.Rngs):
         self.dtype = dtype_of(dtype) or jnp.float32
         rngs = param_keys(rngs)
-        self.model = Qwen2Model(cfg, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+        self.model = Qwen2Model(cfg, dtype=self.dtype, param_dtype=param_dtype, scan_layers=scan_layers, rngs=rngs)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False,
                               dtype=self.dtype, param_dtype=param_dtype,
                               kernel_init=normal_init(0.02), rngs=rngs)
@@ -175,10 +184,11 @@ class Qwen2ForCausalLM(nnx.Module):
         return self.model.embed_tokens(ids, self.dtype)
 
     def __call__(self, embeds, position_ids, meta: TokenMeta, expert_indexes, *, backend="dense", block_size=512,
-                 remat=False, past=None):
+                 remat_policy="none", past=None):
         """Every decoder layer and the final norms on packed embeddings (T, H); past = None or a KV cache
         (keys, values, meta, start): keys / values per layer (S, Hkv, D) (indexed by layer: a stacked array or a
         sequence), meta over the S slots with these tokens' meta already at slots start … start + T - 1.
+        remat_policy: a models/remat.py policy name applied to each decoder layer.
 
         Returns (hidden, per-layer residual outputs, per-layer (k, v) of the new tokens, post k-norm + RoPE); with
         `past` the last item is the per-layer (keys, values) with the new K/V written at their slots.
@@ -189,18 +199,18 @@ class Qwen2ForCausalLM(nnx.Module):
         cos, sin = rope_cos_sin(position_ids, head_dim, self.cfg.rope_theta, embeds.dtype)
 
         def run_layer(layer, x, layer_past):
-            return layer(x, expert_indexes, cos, sin, meta, backend=backend, block_size=block_size,
-                         past=layer_past)
+            if layer_past is not None:
+                layer_past = (*layer_past, past[2], past[3])
+            x, kv = layer(x, expert_indexes, cos, sin, meta, backend=backend, block_size=block_size,
+                          past=layer_past)
+            return x, (x, kv)
 
-        if remat:
-            run_layer = nnx.remat(run_layer)
-        x = embeds
-        layer_outputs, kvs = [], []
-        for i, layer in enumerate(self.model.layers):
-            layer_past = None if past is None else (past[0][i], past[1][i], past[2], past[3])
-            x, kv = run_layer(layer, x, layer_past)
-            layer_outputs.append(x)
-            kvs.append(kv)
+        per_layer = None
+        if past is not None:  # (keys, values) per layer: a list of pairs, or stacked arrays
+            keys, values = past[0], past[1]
+            per_layer = list(zip(keys, values)) if isinstance(keys, (list, tuple)) else (keys, values)
+        x, outputs = apply_layers(self.model.layers, run_layer, embeds, per_layer, remat_policy=remat_policy)
+        layer_outputs, kvs = [o[0] for o in outputs], [o[1] for o in outputs]
         norms = [self.model.norm, getattr(self.model, "norm_moe_gen", None)][:self.model.num_final_norms]
         final_indexes = expert_indexes if len(norms) == 2 else [None]
         hidden = apply_experts(norms, x, final_indexes, lambda norm, t: norm(t))

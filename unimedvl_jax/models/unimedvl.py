@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from unimedvl_jax.config import validate_model_config
+from unimedvl_jax.config import remat_policy, validate_model_config
 from unimedvl_jax.models.attention import TokenMeta
 from unimedvl_jax.models.bridges import PositionEmbedding, TimestepEmbedder, patchify_latent_tokens, shift_timestep
 from unimedvl_jax.models.layers import GeluMLP, Linear, constant_init, dtype_of, param_keys
@@ -15,6 +15,7 @@ from unimedvl_jax.models.llm import Qwen2ForCausalLM
 from unimedvl_jax.models.vae import AutoEncoder
 from unimedvl_jax.models.vit import SiglipVisionModel
 from unimedvl_jax.packed_batch import TEXT, PackedBatch
+from unimedvl_jax.sharding import RESIDUAL, constrain
 
 
 @struct.dataclass
@@ -23,7 +24,7 @@ class ForwardOutput:
 
     ce: jax.Array            # (C_ce,) per-position CE, 0 at padding slots
     ce_mask: jax.Array       # (C_ce,) bool
-    ce_logits: jax.Array     # (C_ce, vocab) fp32
+    ce_logits: jax.Array     # (C_ce, vocab) fp32; (C_ce, 0) under ce_chunk_size (not kept)
     mse: jax.Array           # (V,) mean over channels of (v̂ − (ε − x₀))², 0 where not a noised token
     mse_mask: jax.Array      # (V,) bool: real latent token with t > 0
     mse_preds: jax.Array     # (V, p·p·C) llm2vae predictions at every latent token
@@ -49,8 +50,10 @@ class UniMedVL(nnx.Module):
         self.dtype = dtype
         hidden = cfg.llm.hidden_size
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=param_keys(rngs))
-        self.language_model = Qwen2ForCausalLM(cfg.llm, **kw)
-        self.vit_model = SiglipVisionModel(cfg.vit, **kw)
+        scan = bool(cfg.get("scan_layers", False))
+        self.remat_policy = remat_policy(cfg)
+        self.language_model = Qwen2ForCausalLM(cfg.llm, scan_layers=scan, **kw)
+        self.vit_model = SiglipVisionModel(cfg.vit, scan_layers=scan, **kw)
         self.connector = GeluMLP(cfg.vit.hidden_size, hidden, hidden, axes_in="vit_embed", axes_hidden="embed_in",
                                  axes_out="embed", **kw)
         self.vit_pos_embed = PositionEmbedding(cfg.vit_max_num_patch_per_side, hidden, param_dtype=param_dtype)
@@ -61,7 +64,23 @@ class UniMedVL(nnx.Module):
         # llm2vae is zero-initialised when training from scratch (docs/model.md §3.11).
         self.llm2vae = Linear(hidden, self.patch_latent_dim, axes=("embed", "latent"),
                               kernel_init=constant_init(0.0), bias_init=constant_init(0.0), **kw)
-        self.vae_model = AutoEncoder(cfg.vae, **kw)
+        self.vae_model = AutoEncoder(cfg.vae, images_per_call=int(cfg.get("vae_images_per_call", 0)), **kw)
+
+    def cross_entropy(self, h_ce, labels):
+        """(CE per row, fp32 logits) of the CE rows; with `ce_chunk_size` > 0 the rows go through lm_head that
+        many at a time, each chunk's logits recomputed in the backward instead of kept, and the logits are not
+        returned (an empty (rows, 0) array): the (rows, vocab) fp32 logits of a 14B pack are several GiB
+        (docs/memory.md)."""
+        lm, chunk = self.language_model, int(self.cfg.get("ce_chunk_size", 0))
+        rows = h_ce.shape[0]
+        if chunk <= 0 or rows <= chunk:
+            return _token_ce(lm, h_ce, labels)
+        pad = -rows % chunk
+        h = jnp.pad(h_ce, ((0, pad), (0, 0))).reshape(-1, chunk, h_ce.shape[-1])
+        y = jnp.pad(labels, (0, pad)).reshape(-1, chunk)
+        one_chunk = jax.checkpoint(lambda hy: _token_ce(lm, *hy)[0], policy=jax.checkpoint_policies.nothing_saveable)
+        ce = jax.lax.map(one_chunk, (h, y)).reshape(-1)[:rows]
+        return ce, jnp.zeros((rows, 0), jnp.float32)
 
     # --- sequence assembly (docs/packed_sequence.md §4.4) -------------------------------------------------------------
     def embed_vit(self, batch: PackedBatch):
@@ -76,7 +95,7 @@ class UniMedVL(nnx.Module):
             empty = jnp.zeros((0, c.llm.hidden_size), self.dtype)
             return jnp.zeros((0, c.vit.hidden_size), self.dtype), empty, empty
         feats = self.vit_model(patches, position_ids, image_ids, backend=c.attention_backend,
-                               block_size=c.attention_block_size)
+                               block_size=c.attention_block_size, remat_policy=self.remat_policy)
         conn = self.connector(feats)
         return feats, conn, conn + self.vit_pos_embed(position_ids, conn.dtype)
 
@@ -109,20 +128,20 @@ class UniMedVL(nnx.Module):
         feats, conn, vit_embeds = self.embed_vit(batch)
         embeds = embeds.at[batch.vit_token_index].set(vit_embeds.astype(embeds.dtype), mode="drop")
         x0, t, x_t, temb, vae_embeds = self.embed_latents(batch, latents, flow_noise)
-        embeds = embeds.at[batch.vae_token_index].set(vae_embeds.astype(embeds.dtype), mode="drop")
+        embeds = constrain(embeds.at[batch.vae_token_index].set(vae_embeds.astype(embeds.dtype), mode="drop"),
+                           RESIDUAL)
 
         meta = TokenMeta(batch.sample_id, batch.split_id, batch.split_mode,
                          jnp.arange(length, dtype=jnp.int32))
         hidden, layer_outputs, _ = self.language_model(
             embeds, batch.position_ids, meta, [batch.und_index, batch.gen_index],
-            backend=c.attention_backend, block_size=c.attention_block_size, remat=c.remat)
+            backend=c.attention_backend, block_size=c.attention_block_size, remat_policy=self.remat_policy)
 
         # CE at the requested positions (docs/packed_sequence.md §4.6); padding slots (index T) are masked.
         ce_mask = batch.ce_index < length
         h_ce = jnp.take(hidden, batch.ce_index, axis=0, mode="fill", fill_value=0)
-        logits = self.language_model.logits(h_ce)
-        label_logit = jnp.take_along_axis(logits, batch.ce_labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
-        ce = jnp.where(ce_mask, jax.nn.logsumexp(logits, axis=-1) - label_logit, 0.0)
+        ce, logits = self.cross_entropy(h_ce, batch.ce_labels.astype(jnp.int32))
+        ce = jnp.where(ce_mask, ce, 0.0)
 
         # Flow-matching MSE at noised latent tokens only (t > 0), target ε − x₀ (docs/model.md §3.11).
         h_vae = jnp.take(hidden, batch.vae_token_index, axis=0, mode="fill", fill_value=0)
@@ -136,6 +155,13 @@ class UniMedVL(nnx.Module):
             x_t=x_t, t=t, input_embeds=embeds, hidden=hidden,
             layer_outputs=tuple(layer_outputs) if return_layer_outputs else (),
             vit_features=feats, connector_out=conn, time_embeds=temb)
+
+
+def _token_ce(lm, h, labels):
+    """(per-row CE, fp32 logits) of hidden rows h against integer labels."""
+    logits = constrain(lm.logits(h), ("act_block_length", "act_vocab"))
+    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    return jax.nn.logsumexp(logits, axis=-1) - label_logit, logits
 
 
 def loss_counts(batch: PackedBatch):

@@ -7,8 +7,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from unimedvl_jax.models import remat
 from unimedvl_jax.models.attention import packed_attention, segment_meta
+from unimedvl_jax.models.layer_stack import apply_layers, stack_layers
 from unimedvl_jax.models.layers import Embed, GeluMLP, LayerNorm, Linear, dtype_of, param_keys
+from unimedvl_jax.sharding import RESIDUAL, constrain
 
 
 class SiglipEmbeddings(nnx.Module):
@@ -34,16 +37,17 @@ class SiglipAttention(nnx.Module):
         h = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_heads, h // cfg.num_heads
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = Linear(h, h, axes=("vit_embed", "vit_heads"), **kw)
-        self.k_proj = Linear(h, h, axes=("vit_embed", "vit_heads"), **kw)
-        self.v_proj = Linear(h, h, axes=("vit_embed", "vit_heads"), **kw)
-        self.out_proj = Linear(h, h, axes=("vit_heads", "vit_embed"), **kw)
+        self.q_proj = Linear(h, h, axes=("vit_embed", "vit_heads"), save_name=remat.QUERY, **kw)
+        self.k_proj = Linear(h, h, axes=("vit_embed", "vit_heads"), save_name=remat.KEY, **kw)
+        self.v_proj = Linear(h, h, axes=("vit_embed", "vit_heads"), save_name=remat.VALUE, **kw)
+        self.out_proj = Linear(h, h, axes=("vit_heads", "vit_embed"), save_name=remat.OUT_PROJ, **kw)
 
     def __call__(self, x, meta, *, backend, block_size):
         n = x.shape[0]
-        q, k, v = (p(x).reshape(n, self.num_heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (constrain(p(x).reshape(n, self.num_heads, self.head_dim), ("act_block_length", "act_heads", None))
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
         out = packed_attention(q, k, v, meta, meta, backend=backend, block_size=block_size)
-        return self.out_proj(out.reshape(n, self.num_heads * self.head_dim))
+        return self.out_proj(remat.tag(out.reshape(n, self.num_heads * self.head_dim), remat.ATTENTION_OUT))
 
 
 class SiglipEncoderLayer(nnx.Module):
@@ -57,28 +61,30 @@ class SiglipEncoderLayer(nnx.Module):
         self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, axis_name="vit_embed",
                                      param_dtype=param_dtype)
         self.mlp = GeluMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size, axes_in="vit_embed",
-                           axes_hidden="vit_mlp", axes_out="vit_embed", **kw)
+                           axes_hidden="vit_mlp", axes_out="vit_embed", act_hidden="act_mlp", **kw)
 
     def __call__(self, x, meta, *, backend, block_size):
-        x = x + self.self_attn(self.layer_norm1(x), meta, backend=backend, block_size=block_size)
-        return x + self.mlp(self.layer_norm2(x))
+        x = constrain(x, RESIDUAL)
+        x = constrain(x + self.self_attn(self.layer_norm1(x), meta, backend=backend, block_size=block_size), RESIDUAL)
+        return constrain(x + self.mlp(self.layer_norm2(x)), RESIDUAL)
 
 
 class SiglipEncoder(nnx.Module):
-    """Stack of encoder layers."""
+    """Stack of encoder layers, looped or scanned (models/layer_stack.py)."""
 
-    def __init__(self, cfg, *, dtype, param_dtype, rngs):
-        self.layers = nnx.List([SiglipEncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(cfg.num_layers)])
+    def __init__(self, cfg, *, dtype, param_dtype, scan_layers=False, rngs):
+        layers = [SiglipEncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                  for _ in range(cfg.num_layers)]
+        self.layers = stack_layers(layers) if scan_layers else nnx.List(layers)
 
 
 class SiglipVisionTransformer(nnx.Module):
     """Embeddings, encoder, post_layernorm (applied after the last instantiated layer, docs/quirks.md §9.15)."""
 
-    def __init__(self, cfg, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg, *, dtype, param_dtype, scan_layers=False, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embeddings = SiglipEmbeddings(cfg, **kw)
-        self.encoder = SiglipEncoder(cfg, **kw)
+        self.encoder = SiglipEncoder(cfg, scan_layers=scan_layers, **kw)
         self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, axis_name="vit_embed",
                                         param_dtype=param_dtype)
 
@@ -86,16 +92,20 @@ class SiglipVisionTransformer(nnx.Module):
 class SiglipVisionModel(nnx.Module):
     """SigLIP NaViT over a packed set of patches from several images."""
 
-    def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, scan_layers=False, rngs: nnx.Rngs):
         self.dtype = dtype_of(dtype) or jnp.float32
         self.vision_model = SiglipVisionTransformer(cfg, dtype=self.dtype, param_dtype=param_dtype,
-                                                    rngs=param_keys(rngs))
+                                                    scan_layers=scan_layers, rngs=param_keys(rngs))
 
-    def __call__(self, patches, position_ids, image_ids, *, backend="dense", block_size=512):
-        """patches (P, p*p*3), flattened position ids (P,), image id per patch (P,) -> features (P, hidden)."""
+    def __call__(self, patches, position_ids, image_ids, *, backend="dense", block_size=512, remat_policy="none"):
+        """patches (P, p*p*3), flattened position ids (P,), image id per patch (P,) -> features (P, hidden);
+        remat_policy: a models/remat.py policy name applied to each encoder layer."""
         vm = self.vision_model
         meta = segment_meta(image_ids)
         x = vm.embeddings(patches.astype(self.dtype), position_ids)
-        for layer in vm.encoder.layers:
-            x = layer(x, meta, backend=backend, block_size=block_size)
+
+        def run_layer(layer, x, _):
+            return layer(x, meta, backend=backend, block_size=block_size), None
+
+        x, _ = apply_layers(vm.encoder.layers, run_layer, x, remat_policy=remat_policy)
         return vm.post_layernorm(x)
