@@ -9,6 +9,15 @@ without window tags a 0.5-99.5 percentile window over all frames is used. MONOCH
 Colour (RGB / YBR via pydicom, PALETTE COLOR via its LUT) is scaled to 8 bits. Multi-frame files (cines, enhanced
 CT/MR) give one image per frame.
 
+Transfer syntaxes: pydicom reads implicit / explicit VR little endian, explicit VR big endian and deflated files
+itself; compressed pixel data is decoded by the plugins this package depends on: pylibjpeg with pylibjpeg-libjpeg
+(JPEG Lossless process 14 and its selection value 1, the usual CT / MR archive compression; JPEG Baseline /
+Extended), pyjpegls (JPEG-LS lossless and near-lossless; libjpeg decodes these too), pylibjpeg-openjpeg (JPEG 2000
+lossless / lossy, HTJ2K) and pylibjpeg-rle (RLE Lossless; pydicom also has its own decoder). Pillow stays a fallback
+for JPEG Baseline and JPEG 2000. YBR_FULL / YBR_FULL_422 pixels are converted to RGB (`as_rgb`), YBR_RCT / YBR_ICT by
+the JPEG 2000 codec. A file that no installed plugin can decode raises BadRecord('unreadable_image') naming the
+file and its transfer syntax.
+
 NIfTI (and anything else nibabel loads): the volume is reoriented to the closest canonical RAS orientation, so voxel
 axis 0/1/2 is the sagittal/coronal/axial slicing axis. Sagittal and coronal slices are shown superior-up, axial
 slices anterior-up, with the patient's right on the image right (neurological convention). The
@@ -26,7 +35,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from PIL import Image
-from pydicom.pixels import apply_color_lut, apply_modality_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 
 from data_pipelines.schema import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, BadRecord, pil_to_rgb
 
@@ -34,6 +43,8 @@ PLANES = ("sagittal", "coronal", "axial")   # canonical RAS voxel axis -> anatom
 PERCENTILES = (0.5, 99.5)
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh", ".img", ".hdr")
 DICOM_SUFFIXES = (".dcm", ".dicom")
+# pyproject.toml dependencies that give pydicom its decoders for compressed transfer syntaxes
+DICOM_DECODER_PLUGINS = ("pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle", "pyjpegls")
 
 
 # --------------------------------------------------------------------------------------------- windowing
@@ -131,9 +142,31 @@ def _color_to_uint8(ds, pixels: np.ndarray) -> np.ndarray:
     return np.rint(pixels.astype(np.float64) * (255.0 / (2.0**bits - 1))).clip(0, 255).astype(np.uint8)
 
 
+def _transfer_syntax_note(ds) -> str:
+    """' [transfer syntax <name> (<UID>)]' of a read dataset, with why it cannot be decoded when no plugin can."""
+    try:
+        syntax = ds.file_meta.get("TransferSyntaxUID") if ds is not None and hasattr(ds, "file_meta") else None
+        if not syntax:
+            return ""
+        why = ""
+        if syntax.is_transfer_syntax and syntax.is_compressed:
+            try:
+                if not get_decoder(syntax).is_available:
+                    why = (f"; no decoder plugin for it is installed: the DICOM decoder plugins "
+                           f"{', '.join(DICOM_DECODER_PLUGINS)} are dependencies of unimedvl_jax, reinstall it "
+                           f"or pip install them")
+            except NotImplementedError:
+                why = "; pydicom has no pixel data decoder for this transfer syntax"
+        return f" [transfer syntax {syntax.name} ({syntax}){why}]"
+    except Exception:  # a malformed file meta must not hide the original error
+        return ""
+
+
 def load_dicom(source, *, record_id: str) -> DicomImage:
-    """Read and decode a DICOM file (path or bytes) into modality values; BadRecord('unreadable_image') on failure."""
+    """Read and decode a DICOM file (path or bytes) into modality values; BadRecord('unreadable_image') on failure
+    (its detail names the file and, once the header is read, its transfer syntax)."""
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    ds = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -141,11 +174,13 @@ def load_dicom(source, *, record_id: str) -> DicomImage:
             if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
                 raise ValueError("no pixel data")
             check_size(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0), record_id=record_id, name=name)
+            ds.pixel_array_options(as_rgb=True)   # YBR_FULL / YBR_FULL_422 -> RGB (pydicom's default, made explicit)
             pixels = ds.pixel_array
     except BadRecord:
         raise
     except Exception as e:  # pydicom raises many types for corrupt / unsupported files
-        raise BadRecord("unreadable_image", record_id, f"DICOM {name}: {type(e).__name__}: {e}") from e
+        raise BadRecord("unreadable_image", record_id,
+                        f"DICOM {name}{_transfer_syntax_note(ds)}: {type(e).__name__}: {e}") from e
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     color = int(ds.get("SamplesPerPixel", 1)) == 3 or ds.get("PhotometricInterpretation") == "PALETTE COLOR"
     if n_frames == 1:
