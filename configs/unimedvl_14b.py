@@ -21,9 +21,14 @@ def get_config() -> ml_collections.ConfigDict:
         max_latent_size=64,
         vit_max_num_patch_per_side=70,
         dtype="bfloat16",
-        attention_backend="chunked",
+        # Memory (docs/memory.md; README "Memory plan"): the platform's fast attention (splash on TPU, the Pallas
+        # kernel on GPU), one scanned layer body, full remat per layer, CE logits 2,048 rows at a time, the frozen
+        # VAE one canvas at a time.
+        attention_backend="auto",
         scan_layers=True,
         remat_policy="full",
+        ce_chunk_size=2048,
+        vae_images_per_call=1,
     )
     # BAGEL fine-tune token budget (docs/training.md §7.2: expected 10240, max 11520 tokens per pack); transforms of
     # docs/inference.md §5.5 / docs/preprocessing.md §6.

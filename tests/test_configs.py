@@ -34,7 +34,7 @@ def test_command_line_overrides():
 
 
 def test_released_config_and_bad_override():
-    assert run("--config=configs/unimedvl_14b.py").stdout.split() == ["28", "mot", "chunked"]
+    assert run("--config=configs/unimedvl_14b.py").stdout.split() == ["28", "mot", "auto"]
     res = run("--config=configs/tiny.py", "--config.model.vae.downsample=4")
     assert res.returncode != 0 and "vae.downsample=4 must equal 2**(len(ch_mult)-1)=8" in res.stderr
 
