@@ -6,6 +6,11 @@ no-op).
     (or python -m data_pipelines.build ...)
 
 Prints the dataset directory, per-split / per-task / per-modality counts, bad records by reason and shard bytes.
+Bad manifest lines (not UTF-8, invalid JSON, a repeated id, missing fields, missing / unreadable / oversize
+images, ...) are skipped, logged with their record id and line and counted by reason (data_pipelines/manifest.py);
+a split left without a valid record is skipped with a warning and recorded as empty while the others are written.
+A missing manifest, or one without any valid record, is one `unimedvl-build-data: error: ...` line and exit
+status 2.
 """
 
 from __future__ import annotations

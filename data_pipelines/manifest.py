@@ -33,10 +33,13 @@ Segments
   {"answer": STRING}                                shorthand for an answer text
 
 Bad lines never stop the import: each raises schema.BadRecord naming the manifest line and record id, which the
-reader logs and counts by reason (bad_records.BadRecordCounter). Reasons: invalid JSON -> corrupt_bytes; a missing,
-mistyped or unknown field, role, task or duplicate id -> missing_field; empty text -> empty_text; a missing image file
-or out-of-range frame / slice -> bad_reference; an undecodable image -> unreadable_image; zero-size / oversize
-images -> zero_size_image / oversize_image.
+reader logs and counts by reason (bad_records.BadRecordCounter). Reasons: a line that is not UTF-8 ->
+undecodable_line (the file is read as bytes and decoded line by line, so one bad line costs only itself); invalid
+JSON -> invalid_json; an id already used by an earlier line -> duplicate_id (the first line with the id is kept); a
+missing, mistyped or unknown field, role or task -> missing_field; empty text -> empty_text; a missing image file or
+out-of-range frame / slice -> bad_reference; an undecodable image -> unreadable_image; zero-size / oversize images
+-> zero_size_image / oversize_image. A line's record id is `<line N>` until its JSON has been read. A UTF-8 byte
+order mark at the start of the file is ignored.
 """
 
 from __future__ import annotations
@@ -57,8 +60,14 @@ SPLIT_SALT = "manifest"
 
 
 def _fail(reason: str, record_id: str, where: str, detail: str) -> BadRecord:
-    """BadRecord whose detail starts with 'manifest:line'."""
-    return BadRecord(reason, record_id, f"{where}: {detail}")
+    """BadRecord whose detail starts with `where`, 'manifest:line' (its line number is the BadRecord's line)."""
+    return BadRecord(reason, record_id, f"{where}: {detail}", line=_line_of(where))
+
+
+def _line_of(where: str) -> int | None:
+    """N of 'manifest:N'."""
+    number = where.rpartition(":")[2]
+    return int(number) if number.isdigit() else None
 
 
 def _text_segment(seg: dict, rid: str, where: str, i: int) -> dict:
@@ -113,7 +122,7 @@ def parse_line(line: str, lineno: int, manifest: str) -> dict | None:
     try:
         entry = json.loads(line)
     except json.JSONDecodeError as e:
-        raise _fail("corrupt_bytes", f"<line {lineno}>", where, f"invalid JSON ({e})") from e
+        raise _fail("invalid_json", f"<line {lineno}>", where, f"invalid JSON ({e})") from e
     if not isinstance(entry, dict):
         raise _fail("missing_field", f"<line {lineno}>", where, "line is not a JSON object")
     rid = entry.get("id") if isinstance(entry.get("id"), str) and entry.get("id") else f"<line {lineno}>"
@@ -156,7 +165,7 @@ def _read_segment_images(seg: dict, base: pathlib.Path, rid: str, where: str) ->
                                 slices=seg.get("slices", [seg["slice"]] if "slice" in seg else None),
                                 axis=seg["axis"], volume=seg.get("volume", 0))
     except BadRecord as e:
-        raise BadRecord(e.reason, rid, f"{where}: {e.detail}") from e
+        raise _fail(e.reason, rid, where, e.detail) from e
 
 
 def load_record(entry: dict, base: pathlib.Path, manifest: str) -> Record:
@@ -176,7 +185,29 @@ def load_record(entry: dict, base: pathlib.Path, manifest: str) -> Record:
     try:
         return record.validate()
     except BadRecord as e:
-        raise BadRecord(e.reason, rid, f"{where}: {e.detail}") from e
+        raise _fail(e.reason, rid, where, e.detail) from e
+
+
+def _decode_line(raw: bytes, lineno: int, manifest: str) -> str:
+    """One manifest line as text (a UTF-8 byte order mark on line 1 dropped); BadRecord('undecodable_line') when
+    it is not UTF-8."""
+    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _fail("undecodable_line", _id_of(raw.decode("utf-8", "replace"), lineno), f"{manifest}:{lineno}",
+                    f"not UTF-8 text (byte {e.start} of the line is {raw[e.start:e.start + 1]!r})") from e
+
+
+def _id_of(text: str, lineno: int) -> str:
+    """The record id of a line that is JSON but otherwise unusable, else '<line N>'."""
+    try:
+        entry = json.loads(text)
+    except json.JSONDecodeError:
+        entry = None
+    rid = entry.get("id") if isinstance(entry, dict) else None
+    return rid if isinstance(rid, str) and rid else f"<line {lineno}>"
 
 
 class Manifest:
@@ -187,15 +218,16 @@ class Manifest:
         self.name = self.path.name
 
     def entries(self, counter: BadRecordCounter | None = None) -> Iterator[dict]:
-        """Parsed entries (no image IO); structurally bad lines and duplicate ids are counted, not yielded."""
+        """Parsed entries (no image IO); structurally bad lines (not UTF-8, invalid JSON, fields) and repeated ids
+        are counted, not yielded (of lines sharing an id, the first is kept)."""
         seen: dict[str, int] = {}
-        with open(self.path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
+        with open(self.path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
                 try:
-                    entry = parse_line(line, lineno, self.name)
+                    entry = parse_line(_decode_line(raw, lineno, self.name), lineno, self.name)
                     if entry is not None and entry["id"] in seen:
-                        raise _fail("missing_field", entry["id"], f"{self.name}:{lineno}",
-                                    f"id duplicates the id on line {seen[entry['id']]}")
+                        raise _fail("duplicate_id", entry["id"], f"{self.name}:{lineno}",
+                                    f"id duplicates the id on line {seen[entry['id']]} (that line is kept)")
                 except BadRecord as e:
                     if counter is not None:
                         counter.add(e)

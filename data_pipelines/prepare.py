@@ -37,6 +37,9 @@ def summary(path: pathlib.Path) -> str:
     meta = tfds_builder.read_metadata(path)
     lines = [f"dataset: {path}"]
     for split, s in meta.get("splits", {}).items():
+        if s.get("empty"):
+            lines.append(f"  {split:5s} empty: no valid record, not written")
+            continue
         shards = sorted(path.glob(f"{tfds_builder.DATASET}-{split}.array_record-*"))
         lines.append(f"  {split:5s} records={s['records']} unique_images={s['unique_images']} "
                      f"shards={len(shards)} bytes={sum(f.stat().st_size for f in shards)}")

@@ -19,6 +19,8 @@ import struct
 import numpy as np
 from PIL import Image
 
+from unimedvl_jax.errors import UserError
+
 TASKS = ("understanding", "generation", "interleaved")
 TEXT_ROLES = ("context", "answer")
 IMAGE_ROLES = ("input", "target")
@@ -27,16 +29,17 @@ MAX_IMAGE_SIDE = 8192
 MAX_IMAGE_PIXELS = 20_000_000  # docs/preprocessing.md §6.1: images over 20 MP are rejected
 
 
-class BadRecord(ValueError):
-    """A record that cannot be used; `reason` is one of the counted bad-record kinds."""
+class BadRecord(UserError):
+    """A record that cannot be used; `reason` is one of the counted bad-record kinds, `line` the manifest line it
+    came from (None when it did not come from a manifest line)."""
 
     REASONS = ("corrupt_bytes", "missing_field", "empty_text", "unreadable_image", "zero_size_image",
-               "oversize_image", "bad_reference")
+               "oversize_image", "bad_reference", "undecodable_line", "invalid_json", "duplicate_id")
 
-    def __init__(self, reason: str, record_id: str, detail: str):
+    def __init__(self, reason: str, record_id: str, detail: str, *, line: int | None = None):
         assert reason in self.REASONS, reason
         super().__init__(f"bad record {record_id!r} ({reason}): {detail}")
-        self.reason, self.record_id, self.detail = reason, record_id, detail
+        self.reason, self.record_id, self.detail, self.line = reason, record_id, detail, line
 
 
 @dataclasses.dataclass

@@ -4,7 +4,12 @@ Layout: DATA_DIR/unimed_records/<config>/<version>/unimed_records-<split>.array_
 <config> is 'unimed_mini' (or 'unimed_mini_side<N>' for another max side) or 'manifest_<stem>_<sha256[:8] of the
 manifest text>'. Each example holds the serialised schema.Record ('record', bytes) plus 'id', 'task' and 'modality'
 for filtering without decoding. The dataset's metadata.json holds per-split counts (records, tasks, modalities,
-kinds, images) and the bad-record counts by reason.
+kinds, images) and the bad-record counts by reason (with the reason, record id and manifest line of the first
+1000 bad records).
+
+Empty splits: a split without one valid record (every record of the manifest hashed into the other splits, or all
+of its lines bad) is not written; the build logs a warning and records it in metadata.json ('empty_splits', and
+'splits' with 0 records and "empty": true). A source without any valid record raises errors.UserError.
 
 Shard size: `records_per_shard=N` (CLI --shard-records) writes ceil(records / N) shards per split; without it TFDS
 picks the shard count from the byte size (one shard below 64 MiB). `max_examples_per_split` truncates each split
@@ -22,6 +27,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
+import logging
 import math
 import pathlib
 import time
@@ -37,10 +44,14 @@ from data_pipelines.manifest import Manifest
 from data_pipelines.schema import SPLITS, Record
 from data_pipelines.sources import unimed_mini
 from data_pipelines.splits import split_for_scan
+from unimedvl_jax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 DATASET = "unimed_records"
 DATASET_VERSION = "1.1.0"
 PROGRESS_EVERY = 1000
+KEEP_BAD_RECORDS = 1000  # bad records listed (reason, id, line) in metadata.json; all are counted
 UNIMED_MINI = "unimed_mini"  # config name of the embedded dataset at its default image size
 
 
@@ -159,8 +170,9 @@ class UnimedRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def __init__(self, *, source, data_dir, config_name: str | None = None, **kwargs):
         self.source = source
-        self.bad_records = BadRecordCounter()
+        self.bad_records = BadRecordCounter(keep_records=KEEP_BAD_RECORDS)
         self.split_stats: dict[str, SplitStats] = {}
+        self.empty_splits: list[str] = []
         config = tfds.core.BuilderConfig(name=config_name or source.name, description=source.description)
         super().__init__(data_dir=data_dir, config=config, file_format="array_record", **kwargs)
 
@@ -179,20 +191,39 @@ class UnimedRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         )
 
     def _split_generators(self, dl_manager):
+        """One generator per split holding a valid record. Each split's records are read up to its first valid
+        one here (TFDS fails on a split that yields nothing); a split without any is left out and recorded."""
         self.info.metadata["build_started"] = time.time()
-        return {split: self._generate_examples(split) for split in self.source.splits(self.bad_records)}
+        generators = {}
+        for split in self.source.splits(self.bad_records):
+            records = iter(self.source.records(split, self.bad_records))
+            first = next(records, None)
+            if first is not None:
+                generators[split] = self._generate_examples(split, itertools.chain([first], records))
+        self.empty_splits = [split for split in SPLITS if split not in generators]
+        if not generators:
+            bad = self.bad_records.as_dict()
+            raise UserError(f"{self.source.name}: no valid record in any split, nothing to write; "
+                            f"{bad['total']} bad records by reason: {bad['by_reason']} (the warnings above name "
+                            f"each one with its line)")
+        for split in self.empty_splits:
+            log.warning("%s: split %r has no valid record: not written (the other splits are)", self.source.name,
+                        split)
+        return generators
 
-    def _generate_examples(self, split: str):
+    def _generate_examples(self, split: str, records):
         stats = self.split_stats.setdefault(split, SplitStats())
-        for record in self.source.records(split, self.bad_records):
+        for record in records:
             stats.add(record)
             if stats.records % PROGRESS_EVERY == 0:
                 print(f"  {self.source.name} {split}: {stats.records} records", flush=True)
             yield record.id, {"record": record.to_bytes(), "id": record.id, "task": record.task,
                               "modality": record.modality}
+        empty = {name: {**SplitStats().as_dict(), "empty": True} for name in self.empty_splits}
         self.info.metadata.update({
             "source": self.source.name,
-            "splits": {name: s.as_dict() for name, s in self.split_stats.items()},
+            "splits": {name: s.as_dict() for name, s in self.split_stats.items()} | empty,
+            "empty_splits": list(self.empty_splits),
             "bad_records": self.bad_records.as_dict(),
             "build_seconds": round(time.time() - self.info.metadata["build_started"], 1),
         })
@@ -229,8 +260,14 @@ def dataset_dir(data_dir, name: str) -> pathlib.Path:
 
 
 def data_source(path, split: str):
-    """Random-access source (ArrayRecordDataSource) of one split of a built dataset directory."""
-    return tfds.builder_from_directory(str(path)).as_data_source(split=split)
+    """Random-access source (ArrayRecordDataSource) of one split of a built dataset directory; a split the dataset
+    lacks (e.g. one left empty at build time) is a UserError naming the directory and the splits it has."""
+    builder = tfds.builder_from_directory(str(path))
+    if split.isidentifier() and split not in builder.info.splits:  # a plain name (not a TFDS slice expression)
+        empty = (builder.info.metadata or {}).get("empty_splits", [])
+        why = " (it had no valid record when the dataset was built)" if split in empty else ""
+        raise UserError(f"{path}: no split {split!r}{why}; the dataset has {sorted(builder.info.splits)}")
+    return builder.as_data_source(split=split)
 
 
 def decode_example(example: dict) -> Record:

@@ -1,7 +1,8 @@
 """Every console script of pyproject.toml answers --help with exit status 0: its usage text, each of its own absl
 flags with its description and, for commands reading a --config file, the `--config.section.key=value` override
-syntax with an example. The expected flags come from the flags the command's module defines (absl's
-flags_by_module_dict on a fresh registry), not from the help renderer. Also: a bad command line exits 2."""
+syntax with an example, and --debug (every command). The expected flags come from the flags the command's module
+defines (absl's flags_by_module_dict on a fresh registry), not from the help renderer. Also: a bad command line is
+one `prog: error: ...` line and exit status 2 (tests/test_cli_errors.py: bad input)."""
 
 import concurrent.futures
 import importlib
@@ -85,6 +86,7 @@ def test_help_lists_the_commands_own_flags(script, outputs):
     for flag in expected_flags(script):
         name = f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}"
         assert f"{name}: {_squash(flag.help)}" in out, f"{script} --help lacks {name} with its description"
+    assert "--[no]debug: show the Python traceback" in out
     if command.config is not None:
         assert "--config.section.key=value" in out and _squash(command.config.example) in out
     else:
@@ -105,11 +107,12 @@ def test_bad_command_lines_exit_2(capsys, tmp_path):
              (build.main, ["--dataset", "unimed-mini", "--data-dir", str(tmp_path), "extra"], "unexpected arguments"),
              (train_cli.main, [f"--config={ROOT / 'configs/tiny.py'}", f"--workdir={tmp_path}",
                                "--config.train.nope=1"], "override names no field"),
-             (train_cli.main, ["--config=missing.py", f"--workdir={tmp_path}"], "--config: ")]
+             (train_cli.main, ["--config=missing.py", f"--workdir={tmp_path}"], "--config missing.py: no such file")]
     for main, argv, message in cases:
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == entry_point.USAGE_EXIT, argv
         err = capsys.readouterr().err
         assert message in err and "--help" in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and err.startswith("unimedvl-"), err  # one `prog: error:` line
     assert not any(tmp_path.iterdir())

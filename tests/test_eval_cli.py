@@ -5,6 +5,7 @@ rows split over the devices), an image-to-image pairs file, and bad command line
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -103,9 +104,12 @@ def test_report_has_scores_breakdowns_reading_and_paper_table(single):
     assert "protocol details unverified" in md
 
 
-def test_other_settings_in_the_same_out_are_refused(single, workdir, manifest):
-    with pytest.raises(ValueError, match=r"run.json: .*max_new_tokens: saved 5, now 7"):
+def test_other_settings_in_the_same_out_are_refused(single, workdir, manifest, capsys):
+    with pytest.raises(SystemExit) as e:
         eval_cli.main(args_for(workdir, manifest, single["out"]) + ["--max-new-tokens", "7"])
+    assert e.value.code == entry_point.USAGE_EXIT
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert re.search(r"^unimedvl-eval: error: .*run.json: .*max_new_tokens: saved 5, now 7", line), line
 
 
 def test_two_processes_of_four_devices_answer_like_one_process(single, workdir, manifest, tmp_path):

@@ -108,15 +108,22 @@ def test_edit_takes_the_input_size_rule_and_official_export_matches(workdir, inp
     assert again.cfg.vae.norm_groups == loaded.cfg.vae.norm_groups == 4   # carried by bagel_config.json
 
 
-def test_clear_errors(workdir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a training workdir"):
-        inference_cli.vqa_main(["--checkpoint", str(tmp_path), "--image", "x.png", "--question", "q"])
+def test_clear_errors(workdir, inputs, tmp_path, capsys):
+    def error_line(main, argv) -> str:  # bad input: one `prog: error: ...` line, exit status 2
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        return line
+
+    png = str(inputs["png"])
+    assert "not a training workdir" in error_line(
+        inference_cli.vqa_main, ["--checkpoint", str(tmp_path), "--image", png, "--question", "q"])
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(FileNotFoundError, match="training not finished"):
-        inference_cli.vqa_main(["--checkpoint", str(tmp_path), "--image", "x.png", "--question", "q"])
-    with pytest.raises(FileNotFoundError, match="no such file"):
-        inference_cli.vqa_main(["--checkpoint", str(workdir), "--image", str(tmp_path / "missing.png"),
-                                "--question", "q"])
+    assert "training not finished" in error_line(
+        inference_cli.vqa_main, ["--checkpoint", str(tmp_path), "--image", png, "--question", "q"])
+    assert error_line(inference_cli.vqa_main, ["--checkpoint", str(workdir), "--image", str(tmp_path / "missing.png"),
+                                               "--question", "q"]).endswith("missing.png: no such file")
     with pytest.raises(SystemExit):
         inference_cli.generate_main(["--checkpoint", str(workdir), "--prompt", "p", "--out", "o.png",
                                      "--num-images", "0"])

@@ -13,7 +13,8 @@ FIRST_PARTY = ("unimedvl_jax", "data_pipelines", "configs")
 LAYERS = [
     (0, "bottom", ("unimedvl_jax", "unimedvl_jax.packed_batch", "unimedvl_jax.config", "unimedvl_jax.data_config",
                    "unimedvl_jax.curriculum", "unimedvl_jax.tokenizers", "unimedvl_jax.sharding",
-                   "unimedvl_jax.distributed", "unimedvl_jax.patches", "unimedvl_jax.image_metrics")),
+                   "unimedvl_jax.distributed", "unimedvl_jax.patches", "unimedvl_jax.image_metrics",
+                   "unimedvl_jax.errors")),
     (1, "models", ("unimedvl_jax.models",)),
     (2, "interop", ("unimedvl_jax.interop",)),
     (2, "data_pipelines", ("data_pipelines",)),

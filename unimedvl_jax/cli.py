@@ -18,6 +18,7 @@ from data_pipelines.sources.medical_text import QUESTIONS
 from data_pipelines.transforms import ImageTransform
 from unimedvl_jax import entry_point
 from unimedvl_jax.data_config import data_config
+from unimedvl_jax.errors import UserError, read_json
 from unimedvl_jax.eval.vqa import evaluate, vqa_items
 from unimedvl_jax.interop.checkpoint_export import export_official
 from unimedvl_jax.interop.checkpoint_import import import_official
@@ -86,6 +87,8 @@ def _override(cfg, item: str):
     node = cfg
     *parents, leaf = key.split(".")
     for part in parents:
+        if part not in node or not hasattr(node[part], "keys"):
+            raise entry_point.UsageError(f"--config-override {item!r}: unknown config section {part!r}")
         node = node[part]
     if leaf not in node:
         raise entry_point.UsageError(f"--config-override {item!r}: unknown config field {key!r}")
@@ -194,8 +197,11 @@ def _data_section(args):
     data_cfg = data_config()
     run_config = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "config.json")
     if os.path.exists(run_config):
-        with open(run_config) as f:
-            data_cfg.vit_transform.update(json.load(f).get("data", {}).get("vit_transform", {}))
+        run = read_json(run_config, what="training run config (JSON)")
+        transform = run.get("data", {}).get("vit_transform", {}) if isinstance(run, dict) else None
+        if not isinstance(transform, dict):
+            raise UserError(f"{run_config}: data.vit_transform is not a JSON object")
+        data_cfg.vit_transform.update(transform)
     data_cfg.data_dir, data_cfg.dataset = args.data_dir, args.dataset
     return data_cfg
 

@@ -33,6 +33,7 @@ from data_pipelines.prepare import ensure_dataset
 from data_pipelines.schema import decode_image
 from data_pipelines.sources.medical_text import QUESTIONS
 from unimedvl_jax import entry_point
+from unimedvl_jax.errors import UserError, read_json
 from unimedvl_jax.eval.vqa import answer_image, evaluate, normalize, vqa_items
 from unimedvl_jax.image_metrics import psnr
 from unimedvl_jax.inference.interleave import edit_image, text_to_image
@@ -190,8 +191,10 @@ def run_demo(cfg, workdir: str, *, images_per_prompt: int = 2, sr_images: int = 
         progress.say("exists: reusing it")
     else:
         train_vae(cfg, vae_dir, console=progress.say)
-    with open(os.path.join(vae_dir, "config.json")) as f:
-        vae_report = json.load(f)["report"]
+    vae_config = read_json(os.path.join(vae_dir, "config.json"), what="VAE checkpoint config (JSON)")
+    if not isinstance(vae_config, dict) or not isinstance(vae_config.get("report"), dict):
+        raise UserError(f"{vae_dir}/config.json: no training report; delete {vae_dir} to train the VAE again")
+    vae_report = vae_config["report"]
     progress.done()
 
     progress.step(f"UniMedVL through the 3 curriculum stages ({total_steps(cfg)} steps) -> {train_dir}")

@@ -4,10 +4,13 @@ Every console script (pyproject `[project.scripts]`) is a `Command`: its program
 examples first), a function that defines its absl flags on a `FlagValues` of its own, the flags it requires and,
 for the trainers and the demo, an ml_collections `--config` file flag (`--config file.py --config.a.b=value`).
 `Command.run(body, argv)` parses the command line, answers `-h` / `--help` / `--helpfull` (exit status 0) and
-calls `body(args)` with the parsed values (a flag `--data-dir` is `args.data_dir`). A bad command line prints
-`prog: error: ...` and exits with status 2. A body that uses JAX calls `start(prog)` before any JAX computation:
-quiet library logging, join the multi-process job the environment describes (a no-op for one process; a failed
-join exits 3), flax's explicit-sharding mode.
+calls `body(args)` with the parsed values (a flag `--data-dir` is `args.data_dir`). A bad command line prints ONE
+line, `prog: error: ... (see 'prog --help')`, and exits with status 2. So does bad input found while the command
+runs (unimedvl_jax/errors.py: a missing, unreadable, truncated or corrupt file, invalid JSON, a tensor of the wrong
+shape): `prog: error: <message naming the file / key / record>`, exit status 2, no traceback. `--debug` (a flag of
+every command) shows the traceback of such an error instead; any other exception (a bug) always shows it. A body
+that uses JAX calls `start(prog)` before any JAX computation: quiet library logging, join the multi-process job the
+environment describes (a no-op for one process; a failed join exits 3), flax's explicit-sharding mode.
 
 Why not absl's global FLAGS and `app.run`: absl's --help lists the key flags of the main module, and a console
 script's wrapper is the main module, so `unimedvl-train --help` showed no flag and exited 1; cli.py and
@@ -22,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import os
 import sys
 import textwrap
 import types
@@ -32,10 +36,15 @@ from flax import nnx
 from ml_collections import config_flags
 
 from unimedvl_jax import distributed
+from unimedvl_jax.errors import UserError, describe, is_user_error
 
-USAGE_EXIT = 2  # a bad command line (as argparse / getopt programs)
+__all__ = ["USAGE_EXIT", "Command", "ConfigFile", "UsageError", "UserError", "start"]
+
+USAGE_EXIT = 2  # a bad command line (as argparse / getopt programs), or bad input (errors.UserError)
 _WIDTH = 100
 _NOT_LIBRARY = ("absl.app",)  # app.run's own flags (pdb, profiling, its help): no command runs under app.run
+_DEBUG_HELP = ("show the Python traceback of an error in the input (a missing or corrupt file, invalid JSON, ...) "
+               "instead of the one `error:` line")
 
 
 class UsageError(Exception):
@@ -91,6 +100,7 @@ class Command:
                 f"--config.section.key=value (repeatable; values are Python literals), e.g. {self.config.example}",
                 _WIDTH, break_on_hyphens=False, break_long_words=False)]
         lines += ["", "  -h, --help: show this help and exit",
+                  f"  --[no]debug: {_DEBUG_HELP}",
                   "  --helpfull: this help and the library flags (absl logging, grain) every command accepts",
                   "  --flagfile=FILE: read more flags from FILE, one per line"]
         if full:
@@ -100,6 +110,10 @@ class Command:
     def parse(self, argv: Sequence[str] | None = None) -> types.SimpleNamespace:
         """Parse `argv` (the arguments after the program name; default sys.argv[1:]) into a namespace of the own
         flags' values. Raises flags.Error / UsageError for a bad command line; exits 0 after --help."""
+        return self._parse(argv)[0]
+
+    def _parse(self, argv: Sequence[str] | None) -> tuple[types.SimpleNamespace, flags.FlagValues]:
+        """parse(), and the registry it parsed (for --debug)."""
         argv = [self.prog, *(sys.argv[1:] if argv is None else argv)]
         fv, own = self._flag_values(argv)
         try:
@@ -117,18 +131,33 @@ class Command:
             try:  # ml_collections defers a config file's load error to the config's first use
                 args.config.get("name")
             except OSError as e:
+                path = getattr(fv["config"], "config_filename", None)
+                if path and not os.path.isfile(path.partition(":")[0]):
+                    raise UsageError(f"--config {path}: no such file") from e
                 raise UsageError(f"--config: {e}") from e
-        return args
+        return args, fv
 
     def run(self, body: Callable[[types.SimpleNamespace], int | None], argv: Sequence[str] | None = None) -> int:
-        """Parse the command line and run `body(args)`; returns its exit status (None -> 0)."""
+        """Parse the command line and run `body(args)`; returns its exit status (None -> 0).
+
+        A bad command line (flags.Error, UsageError) and bad input (errors.is_user_error: a missing or corrupt
+        file, invalid JSON, ...) print ONE line `prog: error: ...` to stderr and exit with status 2 (SystemExit);
+        with --debug bad input raises (a traceback). Any other exception propagates (a bug: its traceback)."""
+        fv = None
         try:
-            args = self.parse(argv)
+            args, fv = self._parse(argv)
             status = body(args)
         except (flags.Error, UsageError) as e:
-            print(f"{self.prog}: error: {e}\nTry '{self.prog} --help' for its flags.", file=sys.stderr, flush=True)
-            sys.exit(USAGE_EXIT)
+            self._error(f"{describe(e)} (see '{self.prog} --help')")
+        except Exception as e:
+            if not is_user_error(e) or (fv is not None and fv["debug"].value):
+                raise
+            self._error(describe(e))
         return 0 if status is None else status
+
+    def _error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(USAGE_EXIT)
 
     def _flag_values(self, argv: list[str]) -> tuple[flags.FlagValues, list[flags.Flag]]:
         """A fresh registry: the own flags, the help flags, then the global registry's library flags."""
@@ -141,6 +170,7 @@ class Command:
         own = _distinct(fv)
         if self.required:
             flags.mark_flags_as_required(list(self.required), flag_values=fv)
+        flags.DEFINE_bool("debug", False, _DEBUG_HELP, flag_values=fv)
         flags.DEFINE_flag(_HelpFlag(self, own, full=False), fv)
         flags.DEFINE_flag(_HelpFlag(self, own, full=True), fv)
         for flag in (flag for module_flags in _library().values() for flag in module_flags):

@@ -25,6 +25,7 @@ import jax
 from absl import flags
 
 from unimedvl_jax import distributed, entry_point
+from unimedvl_jax.errors import describe, is_user_error
 from unimedvl_jax.eval.fid import inception_features
 from unimedvl_jax.eval.generation_fid import GENERATED, evaluate_fid, read_fid_data, summarize_fid
 from unimedvl_jax.eval.image_to_image import RESULTS as PAIRED_RESULTS
@@ -171,11 +172,11 @@ def _log(message: str) -> None:
 
 
 def _read_data(read, args, reading: ReadReport, **options) -> list:
-    """The benchmark's items; a data file the reader rejects is a usage error (one `error:` line, exit 2)."""
+    """The benchmark's items; a data file the reader rejects is a user error (one `error:` line, exit 2)."""
     try:
         return read(args.data, report=reading, **options)
     except (ValueError, OSError) as e:
-        raise entry_point.UsageError(f"--data {args.data}: {e}") from e
+        raise entry_point.UserError(f"--data {args.data}: {describe(e)}") from e
 
 
 def _evaluate_vqa(args, loaded, row_sharding) -> dict:
@@ -216,7 +217,10 @@ def _evaluate_paired(args, loaded) -> dict:
 
 
 def _evaluate_fid(args, loaded) -> dict:
-    data = read_fid_data(args.data)
+    try:
+        data = read_fid_data(args.data)
+    except (ValueError, OSError) as e:  # a prompts.jsonl line or a reference folder it rejects: a user error
+        raise entry_point.UserError(f"--data {args.data}: {describe(e)}") from e
     prompts = data.prompts[:args.limit] if args.limit else data.prompts
     _log(f"{PROG}: {len(data.prompts)} prompts over {len(data.references)} modalities; generating {len(prompts)}")
     size = (args.image_size, args.image_size) if args.image_size else tuple(loaded.image_size)
@@ -237,7 +241,8 @@ def _eval(args) -> int:
     try:
         return _run(args)
     except BaseException as e:  # with several processes: tell the others, which would wait at a barrier
-        status = entry_point.USAGE_EXIT if isinstance(e, entry_point.UsageError) else 1
+        user = isinstance(e, entry_point.UsageError) or is_user_error(e)
+        status = entry_point.USAGE_EXIT if user else 1
         distributed.leave_job(f"{PROG}: {type(e).__name__}: {e}", status)
         raise
 

@@ -113,8 +113,9 @@ def _vqa_flags(fv: flags.FlagValues) -> None:
 
 
 def _vqa(args) -> int:
+    image = _input_image(args)  # a bad --image fails before the model is loaded
     loaded = _load(args, "unimedvl-vqa")
-    print(answer_image(loaded.model, loaded.tokenizer, loaded.vit_transform, _input_image(args), args.question,
+    print(answer_image(loaded.model, loaded.tokenizer, loaded.vit_transform, image, args.question,
                        max_new_tokens=args.max_new_tokens), flush=True)
     return 0
 
@@ -185,8 +186,9 @@ def _edit_flags(fv: flags.FlagValues) -> None:
 
 
 def _edit(args) -> int:
+    image = _input_image(args)  # a bad --image fails before the model is loaded
     loaded = _load(args, "unimedvl-edit")
-    result = edit_image(loaded.model, loaded.tokenizer, _input_image(args), args.instruction, seed=args.seed,
+    result = edit_image(loaded.model, loaded.tokenizer, image, args.instruction, seed=args.seed,
                         understand_first=args.understand_first, vae_transform=loaded.vae_transform,
                         vit_transform=loaded.vit_transform, **_sampler_kwargs(args))
     if result.text:

@@ -17,6 +17,8 @@ import re
 import sentencepiece as spm
 from tokenizers import Tokenizer as HFTokenizer
 
+from unimedvl_jax.errors import UserError, read_json
+
 # Config key (model `special_tokens`) -> token string (docs/packed_sequence.md §4.1 table).
 SPECIAL_TOKENS = {
     "bos_token_id": "<|im_start|>",
@@ -190,8 +192,13 @@ class SentencePieceTokenizer(Tokenizer):
     def load(cls, directory) -> "SentencePieceTokenizer":
         """Read `spm.model` + `spm_tokenizer.json` written by save()."""
         directory = pathlib.Path(directory)
-        meta = json.loads((directory / SP_CONFIG_FILE).read_text())
-        return cls((directory / SP_MODEL_FILE).read_bytes(), meta["special_tokens"], meta["vocab_size"])
+        config = directory / SP_CONFIG_FILE
+        meta = read_json(config, what="tokenizer config (JSON)")
+        try:
+            return cls((directory / SP_MODEL_FILE).read_bytes(), meta["special_tokens"], meta["vocab_size"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a field missing / wrong, a corrupt spm.model
+            raise UserError(f"{directory}: not a usable SentencePiece tokenizer ({SP_CONFIG_FILE} + {SP_MODEL_FILE}):"
+                            f" {type(e).__name__}: {e}") from e
 
 
 class QwenTokenizer(Tokenizer):
@@ -199,7 +206,10 @@ class QwenTokenizer(Tokenizer):
 
     def __init__(self, path):
         self._path = pathlib.Path(path)
-        self._tok = HFTokenizer.from_file(str(self._path))
+        try:
+            self._tok = HFTokenizer.from_file(str(self._path))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a missing or invalid file
+            raise UserError(f"{self._path}: not a tokenizers JSON file: {e}") from e
         self._tok.no_padding()
         self._tok.no_truncation()
         special = {}

@@ -6,11 +6,12 @@ The workdir holds checkpoints/ (resumed automatically), metrics.jsonl, tb/ (Tens
 tokenizer is trained on the data), config.json and, at the end, final/ (export with
 `unimedvl-export --checkpoint <workdir>/final`). SIGTERM saves a checkpoint and exits 0. The unimed-mini dataset
 is built into config.data.data_dir when missing. Exit status: 0 done or preempted, 1 on a training error
-(e.g. too many consecutive non-finite steps), 2 on a bad command line, 3 when joining a multi-process job failed,
-4 when no checkpoint could be restored as asked (a damaged one under train.on_corrupt_checkpoint=fail, a missing
-or damaged train.restore_step, none intact), 5 when a checkpoint could not be written (disk full, quota,
-permission; the last intact checkpoint is kept), 6 when another process of a multi-process job was lost
-(UNIMEDVL_HEARTBEAT_TIMEOUT).
+(e.g. too many consecutive non-finite steps), 2 on a bad command line or bad input (a missing or corrupt file,
+invalid JSON, a dataset that is not built: one `unimedvl-train: error: ...` line naming it; --debug shows the
+traceback), 3 when joining a multi-process job failed, 4 when no checkpoint could be restored as asked (a damaged
+one under train.on_corrupt_checkpoint=fail, a missing or damaged train.restore_step, none intact), 5 when a
+checkpoint could not be written (disk full, quota, permission; the last intact checkpoint is kept), 6 when another
+process of a multi-process job was lost (UNIMEDVL_HEARTBEAT_TIMEOUT).
 
 Multi-process runs (TPU pods, SLURM, GKE, launch/local.py) are joined from the environment by
 unimedvl_jax.distributed.initialize() before JAX is used; --init_timeout (or UNIMEDVL_INIT_TIMEOUT) bounds the

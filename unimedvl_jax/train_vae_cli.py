@@ -4,7 +4,8 @@
     unimedvl-train --config configs/tiny.py --workdir runs/x --config.train.init_vae_from=runs/vae
 
 The unimed-mini dataset is built into config.data.data_dir when missing. Exit status 0 on success, 2 on a bad
-command line.
+command line or bad input (a missing or corrupt file, a dataset that is not built: one `unimedvl-train-vae: error:
+...` line naming it; --debug shows the traceback).
 """
 
 from __future__ import annotations

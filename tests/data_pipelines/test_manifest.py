@@ -12,7 +12,8 @@ from data_pipelines.manifest import SPLIT_SALT, Manifest, read_manifest
 from data_pipelines.splits import split_for_scan
 
 GOOD_IDS = ("vqa-png", "vqa-dicom", "gen-nifti", "edit-nifti-jpeg", "cap-nosplit")
-BAD_REASONS = {"corrupt_bytes": 1, "missing_field": 4, "empty_text": 1, "bad_reference": 2, "unreadable_image": 1}
+BAD_REASONS = {"invalid_json": 1, "missing_field": 3, "duplicate_id": 1, "empty_text": 1, "bad_reference": 2,
+               "unreadable_image": 1}
 
 
 def _decode(png: bytes) -> np.ndarray:

@@ -42,7 +42,8 @@ def test_second_build_is_cached(manifest_path, tmp_path, capsys):
             "--shard-records", "2"]
     assert build_cli.main(argv) == 0
     first = capsys.readouterr().out
-    assert "built in" in first and "bad records: 9" in first and "missing_field=4" in first
+    assert "built in" in first and "bad records: 9" in first and "missing_field=3" in first
+    assert "duplicate_id=1" in first
     assert build_cli.main(argv) == 0
     assert "already built (cached" in capsys.readouterr().out
     assert build_cli.main(argv + ["--force"]) == 0

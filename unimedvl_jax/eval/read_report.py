@@ -8,6 +8,8 @@ import collections
 import dataclasses
 import logging
 
+from unimedvl_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 BAD_ROW_REASONS = (
@@ -24,7 +26,7 @@ BAD_ROW_REASONS = (
 )
 
 
-class BadRow(ValueError):
+class BadRow(UserError):
     """One unusable benchmark row; `where` names the file and row / line / id."""
 
     def __init__(self, reason: str, where: str, detail: str):

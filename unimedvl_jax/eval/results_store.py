@@ -18,13 +18,15 @@ import pathlib
 import re
 from collections.abc import Collection, Mapping
 
+from unimedvl_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "run.json"
 TIMING_KEYS = ("seconds",)  # fields that may differ between two records of one item (everything else must agree)
 
 
-class ResultsError(ValueError):
+class ResultsError(UserError):
     """A result file or the run's settings file that cannot be used; the message names the file and line / key."""
 
 

@@ -15,14 +15,15 @@ Resolution of `checkpoint` (first match wins):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 
 import numpy as np
 
 from data_pipelines import dicom
+from data_pipelines.schema import BadRecord
 from data_pipelines.transforms import ImageTransform
+from unimedvl_jax.errors import UserError, read_json
 from unimedvl_jax.inference.interleave import GEN_VAE_TRANSFORM, GEN_VIT_TRANSFORM
 from unimedvl_jax.interop.checkpoint_import import import_official
 from unimedvl_jax.interop.params_checkpoint import load_params_checkpoint
@@ -46,11 +47,16 @@ def _run_transforms(run_config: pathlib.Path):
     """(vit, vae transform, generation size) from a training run's config.json, or None when there is none."""
     if not run_config.is_file():
         return None
-    data = json.loads(run_config.read_text()).get("data")
+    run = read_json(run_config, what="training run config (JSON)")
+    data = run.get("data") if isinstance(run, dict) else None
     if not data:
         return None
-    return (ImageTransform.from_config(data["vit_transform"]), ImageTransform.from_config(data["vae_transform"]),
-            tuple(int(s) for s in data["vae_image_size"]))
+    try:
+        return (ImageTransform.from_config(data["vit_transform"]), ImageTransform.from_config(data["vae_transform"]),
+                tuple(int(s) for s in data["vae_image_size"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{run_config}: the data section lacks or mistypes the image transforms "
+                        f"({type(e).__name__}: {e})") from e
 
 
 def _official_transforms():
@@ -89,7 +95,10 @@ def read_input_image(path, *, slice_index: int | None = None, axis: str = "axial
     path = pathlib.Path(os.fspath(path))
     if not path.is_file():
         raise FileNotFoundError(f"--image {path}: no such file")
-    images = dicom.read_image(path, record_id=str(path), frames=[frame],
-                              slices=None if slice_index is None else [slice_index], axis=axis)
+    try:
+        images = dicom.read_image(path, record_id=str(path), frames=[frame],
+                                  slices=None if slice_index is None else [slice_index], axis=axis)
+    except BadRecord as e:  # unreadable, zero-size or oversize, a frame / slice out of range
+        raise UserError(f"--image: {e.detail}") from e
     image = images[0]
     return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image

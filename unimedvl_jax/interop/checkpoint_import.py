@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unimedvl_jax.errors import UserError
 from unimedvl_jax.interop.name_map import AE_FILE, EMA_FILE, FROM_OFFICIAL, NameMapEntry, build_name_map
 from unimedvl_jax.interop.official_config import model_config_from_official
 from unimedvl_jax.interop.safetensors_io import SafetensorsReader
@@ -27,7 +28,7 @@ from unimedvl_jax.models.unimedvl import UniMedVL
 OPTIONAL_EXTRA_PREFIXES = {EMA_FILE: ("vae_model.",)}
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """The checkpoint's keys or shapes do not match the model config; the message lists every offender."""
 
 

@@ -6,24 +6,35 @@ layers, ViT rope off and `num_hidden_layers - 1` ViT layers (docs/quirks.md §9.
 
 from __future__ import annotations
 
-import json
 import os
 
 import ml_collections
 
 from unimedvl_jax import config as C
+from unimedvl_jax.errors import UserError, read_json
 
 VIT_LAYERS_DROPPED = 1  # the official loaders instantiate config.num_hidden_layers - 1 ViT layers
 
 
 def _read_json(path):
     try:
-        with open(path) as f:
-            return json.load(f)
+        data = read_json(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{path}: missing (an official checkpoint directory needs it)") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return _Keys(data, path)
+
+
+class _Keys(dict):
+    """A JSON object whose missing key is a UserError naming the file and the key."""
+
+    def __init__(self, data: dict, path: str):
+        super().__init__(data)
+        self.path = path
+
+    def __missing__(self, key):
+        raise UserError(f"{self.path}: required key {key!r} is missing")
 
 
 def model_config_from_official(ckpt_dir, *, base: ml_collections.ConfigDict | None = None,
@@ -53,7 +64,10 @@ def model_config_from_official(ckpt_dir, *, base: ml_collections.ConfigDict | No
         path = os.path.join(ckpt_dir, extra)
         if os.path.exists(path):
             _apply_bagel_fields(cfg, _read_json(path))
-    C.validate_model_config(cfg)
+    try:
+        C.validate_model_config(cfg)
+    except ValueError as e:
+        raise UserError(f"{ckpt_dir}: the config files describe no valid model: {e}") from e
     return cfg
 
 

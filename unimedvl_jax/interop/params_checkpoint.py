@@ -8,7 +8,6 @@ Layout:  <dir>/config.json   the model ConfigDict
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -17,6 +16,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from unimedvl_jax.config import validate_model_config
+from unimedvl_jax.errors import UserError, read_json
 from unimedvl_jax.models.bridges import PositionTable
 from unimedvl_jax.models.unimedvl import UniMedVL
 
@@ -48,9 +48,14 @@ def load_params_config(path) -> ml_collections.ConfigDict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: missing; {path} is not a params checkpoint")
-    with open(cfg_path) as f:
-        cfg = ml_collections.ConfigDict(json.load(f))
-    validate_model_config(cfg)
+    data = read_json(cfg_path, what="model config (JSON)")
+    if not isinstance(data, dict):
+        raise UserError(f"{cfg_path}: expected a JSON object (the model config), found {type(data).__name__}")
+    cfg = ml_collections.ConfigDict(data)
+    try:
+        validate_model_config(cfg)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong type
+        raise UserError(f"{cfg_path}: not a valid model config: {e}") from e
     return cfg
 
 
@@ -77,5 +82,46 @@ def load_params_checkpoint(path, *, weights: str = "ema"):
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
         state)
-    restored = ocp.StandardCheckpointer().restore(os.path.join(path, item), target)
+    checkpointer = ocp.StandardCheckpointer()
+    _check_stored_shapes(checkpointer, os.path.join(path, item), target)
+    try:
+        restored = checkpointer.restore(os.path.join(path, item), target)
+    except Exception as e:  # orbax / tensorstore: a damaged file, or weights that do not match config.json
+        raise UserError(f"{os.path.join(path, item)}: cannot restore the {item} weights of this config.json: "
+                        f"{_first_line(e)}") from e
+    finally:
+        checkpointer.close()  # also ends the reads still in flight after a failed one (no noise at exit)
     return nnx.merge(graphdef, restored), cfg
+
+
+def _check_stored_shapes(checkpointer, directory: str, target, *, listed: int = 8) -> None:
+    """UserError listing the arrays whose stored shape differs from the model that config.json describes (or that
+    only one side has), before a restore that would fail on them. Unreadable metadata is left to the restore."""
+    try:
+        stored_tree = checkpointer.metadata(directory).item_metadata
+    except Exception:  # noqa: BLE001 - the restore reports what is wrong with the directory
+        return
+    stored = {_leaf_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(stored_tree or {})
+              if getattr(x, "shape", None) is not None}
+    if not stored:
+        return
+    wanted = {_leaf_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(target)}
+    problems = [f"{k}: stored {stored[k]}, config.json needs {wanted[k]}" for k in wanted
+                if k in stored and stored[k] != wanted[k]]
+    problems += [f"{k}: missing (config.json needs {wanted[k]})" for k in wanted if k not in stored]
+    problems += [f"{k}: not in the model config.json describes" for k in stored if k not in wanted]
+    if problems:
+        more = f"; ... ({len(problems) - listed} more)" if len(problems) > listed else ""
+        raise UserError(f"{directory}: the weights do not match the model of {os.path.dirname(directory)}/config.json "
+                        f"({len(problems)} arrays): " + "; ".join(problems[:listed]) + more)
+
+
+def _leaf_name(path) -> str:
+    """'llm.layers.0.mlp.kernel.value' of a pytree key path."""
+    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _first_line(error: BaseException, limit: int = 400) -> str:
+    """The first line of an error message (tensorstore's run to pages of JSON), at most `limit` characters."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0].split(" See full TensorStore details")[0]
+    return text if len(text) <= limit else text[:limit] + " ..."

@@ -13,6 +13,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from unimedvl_jax.errors import UserError
+
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -22,7 +24,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(UserError):
     """A safetensors file is missing, truncated or not a safetensors file."""
 
 
@@ -35,6 +37,13 @@ class SafetensorsReader:
             self._file = open(self.path, "rb")
         except OSError as e:
             raise SafetensorsError(f"{self.path}: cannot open ({e.strerror})") from e
+        try:
+            self._read_header()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _read_header(self):
         size = os.fstat(self._file.fileno()).st_size
         if size < 8:
             raise SafetensorsError(f"{self.path}: not a safetensors file (only {size} bytes)")
@@ -59,10 +68,14 @@ class SafetensorsReader:
                 begin, end = (int(x) for x in info["data_offsets"])
             except (KeyError, TypeError, ValueError) as e:
                 raise SafetensorsError(f"{self.path}: corrupt header entry for {key!r}: {info!r}") from e
-            if end > data_size or end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-                raise SafetensorsError(f"{self.path}: truncated or corrupt: tensor {key!r} needs bytes "
-                                       f"[{begin}, {end}) of a {data_size}-byte data section")
+            if not 0 <= begin <= end or end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+                raise SafetensorsError(f"{self.path}: corrupt header: tensor {key!r} of shape {shape} ({dtype}) "
+                                       f"has data offsets [{begin}, {end})")
             self.entries[key] = (dtype, shape, begin, end)
+        needed = max((end for _, _, _, end in self.entries.values()), default=0)
+        if needed > data_size:
+            raise SafetensorsError(f"{self.path}: truncated or corrupt (the header says {self._data_start + needed} "
+                                   f"bytes, the file has {size})")
 
     def keys(self):
         return list(self.entries)

@@ -14,6 +14,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from unimedvl_jax.errors import UserError, read_json
 from unimedvl_jax.models.vae import AutoEncoder
 
 GEOMETRY_KEYS = ("resolution", "in_channels", "downsample", "ch", "out_ch", "ch_mult", "num_res_blocks",
@@ -35,8 +36,11 @@ def load_vae_config(path: str) -> ml_collections.ConfigDict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: missing; {path} is not a VAE checkpoint (unimedvl-train-vae)")
-    with open(cfg_path) as f:
-        return ml_collections.ConfigDict(json.load(f)["vae"])
+    saved = read_json(cfg_path, what="VAE checkpoint config (JSON)")
+    if not isinstance(saved, dict) or not isinstance(saved.get("vae"), dict):
+        raise UserError(f"{cfg_path}: no 'vae' section (a JSON object); {path} is not a VAE checkpoint "
+                        f"(unimedvl-train-vae)")
+    return ml_collections.ConfigDict(saved["vae"])
 
 
 def adopt_vae_config(model_cfg, path: str) -> None:
@@ -45,7 +49,7 @@ def adopt_vae_config(model_cfg, path: str) -> None:
     diff = {k: (model_cfg.vae[k], saved[k]) for k in GEOMETRY_KEYS
             if json.dumps(model_cfg.vae[k]) != json.dumps(saved[k])}
     if diff:
-        raise ValueError(f"VAE checkpoint {path} does not match model.vae: " +
+        raise UserError(f"VAE checkpoint {path} does not match model.vae: " +
                          ", ".join(f"{k}: config {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items()))
     model_cfg.vae.scale_factor, model_cfg.vae.shift_factor = saved.scale_factor, saved.shift_factor
 
