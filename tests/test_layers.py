@@ -14,7 +14,7 @@ LAYERS = [
     (0, "bottom", ("unimedvl_jax", "unimedvl_jax.packed_batch", "unimedvl_jax.config", "unimedvl_jax.data_config",
                    "unimedvl_jax.curriculum", "unimedvl_jax.tokenizers", "unimedvl_jax.sharding",
                    "unimedvl_jax.distributed", "unimedvl_jax.patches", "unimedvl_jax.image_metrics",
-                   "unimedvl_jax.errors")),
+                   "unimedvl_jax.errors", "unimedvl_jax.hlo_stats")),
     (1, "models", ("unimedvl_jax.models",)),
     (2, "interop", ("unimedvl_jax.interop",)),
     (2, "data_pipelines", ("data_pipelines",)),
@@ -22,9 +22,10 @@ LAYERS = [
     (3, "inference", ("unimedvl_jax.inference",)),
     (3, "testing", ("unimedvl_jax.testing",)),
     (4, "eval", ("unimedvl_jax.eval",)),
+    (4, "aot", ("unimedvl_jax.aot",)),
     (5, "cli", ("unimedvl_jax.cli", "unimedvl_jax.train_cli", "unimedvl_jax.train_vae_cli",
                 "unimedvl_jax.inference_cli", "unimedvl_jax.eval_cli", "unimedvl_jax.demo", "unimedvl_jax.entry_point",
-                "unimedvl_jax.flags_help", "data_pipelines.build")),
+                "unimedvl_jax.flags_help", "data_pipelines.build", "unimedvl_jax.compile_cli")),
     (6, "configs", ("configs",)),
 ]
 # Imports that stay inside a function on purpose: private JAX modules probed in a try block, and packages whose

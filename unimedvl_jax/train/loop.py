@@ -201,7 +201,7 @@ def train(cfg, workdir: str, *, console=print, hooks: TrainHooks | None = None) 
     """Run (or continue) training of `cfg` in `workdir`; see the module docstring."""
     with _SigtermFlag() as sigterm:  # installed first: a SIGTERM during setup stops after the first step
         try:
-            run = _new_run(cfg, workdir, console)
+            run = new_run(cfg, workdir, console)
             tokenizer = prepare_data(run)
             setup = build_model_and_state(run)
             start = restore_or_initialise(run, setup)
@@ -226,11 +226,13 @@ def _leave_job(error: BaseException) -> None:
     distributed.leave_job(f"{type(error).__name__}: {error}", getattr(error, "exit_status", 1))
 
 
-def _new_run(cfg, workdir: str, console) -> Run:
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+def new_run(cfg, workdir: str | None, console=print) -> Run:
+    """The Run of `cfg`: `workdir` made absolute and created (None: no run directory, as for a compile report)."""
+    if workdir is not None:
+        workdir = os.path.abspath(workdir)
+        os.makedirs(workdir, exist_ok=True)
     say = console if jax.process_index() == 0 else (lambda *_: None)
-    return Run(cfg, workdir, say, StageSchedule.from_config(cfg.curriculum), total_steps(cfg))
+    return Run(cfg, workdir or "", say, StageSchedule.from_config(cfg.curriculum), total_steps(cfg))
 
 
 def prepare_data(run: Run) -> Tokenizer:
@@ -244,25 +246,52 @@ def prepare_data(run: Run) -> Tokenizer:
     return tokenizer
 
 
-def build_model_and_state(run: Run) -> ModelSetup:
-    """The mesh, the sharded model (train.init_vae_from installed), the optimizer and the train state's layout."""
-    cfg, tcfg, say = run.cfg, run.cfg.train, run.say
-    mesh = shd.make_mesh(cfg.mesh.shape, dcn_shape=cfg.mesh.get("dcn_shape"))
-    data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if run.batch_packs % data_ways:
-        raise ValueError(f"train.batch_packs={run.batch_packs} must be divisible by data·fsdp={data_ways} (mesh "
+def train_mesh(cfg, devices=None) -> jax.sharding.Mesh:
+    """The mesh of cfg.mesh (shape, dcn_shape) over `devices` (default: every JAX device); train.batch_packs must
+    split over its data·fsdp ways."""
+    mesh = shd.make_mesh(cfg.mesh.shape, devices, dcn_shape=cfg.mesh.get("dcn_shape"))
+    data_ways, packs = mesh.shape["data"] * mesh.shape["fsdp"], int(cfg.train.batch_packs)
+    if packs % data_ways:
+        raise ValueError(f"train.batch_packs={packs} must be divisible by data·fsdp={data_ways} (mesh "
                          f"{dict(mesh.shape)})")
-    say(f"mesh {dict(mesh.shape)} rules {cfg.mesh.rules!r} on {jax.device_count()} device(s), "
-        f"{jax.process_count()} process(es); global batch {run.batch_packs} packs × {cfg.data.max_tokens} tokens")
+    return mesh
+
+
+def abstract_model(model_cfg):
+    """(graphdef, params, rest) of UniMedVL(model_cfg) with no parameter allocated: params are ShapeDtypeStructs
+    (nnx.eval_shape without eager sharding); rest (the non-parameter state: the fixed sin-cos position tables) is
+    computed concretely as numpy arrays, because the step closes over it as constants."""
+    build = lambda: UniMedVL(model_cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    with nnx.use_eager_sharding(False):
+        graphdef, params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+        # Only the tables leave this jit: XLA drops the parameter initialisers, nothing of their size is allocated.
+        rest = jax.device_get(jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])())
+    return graphdef, params, rest
+
+
+def build_model_and_state(run: Run, *, devices=None, abstract: bool = False) -> ModelSetup:
+    """The mesh, the sharded model (train.init_vae_from installed), the optimizer and the train state's layout.
+
+    `devices`: the mesh's devices (default: every JAX device; unimedvl-compile passes a target topology's).
+    `abstract`: build the layout only, with no parameter allocated (ModelSetup.params is then abstract; for
+    lowering and compiling the step, unimedvl_jax/aot.py)."""
+    cfg, tcfg, say = run.cfg, run.cfg.train, run.say
+    mesh = train_mesh(cfg, devices)
+    processes = len({d.process_index for d in mesh.devices.flat})
+    say(f"mesh {dict(mesh.shape)} rules {cfg.mesh.rules!r} on {mesh.size} device(s), {processes} process(es); "
+        f"global batch {run.batch_packs} packs × {cfg.data.max_tokens} tokens ({mesh.devices.flat[0].device_kind})")
     if tcfg.init_vae_from:
         adopt_vae_config(cfg.model, tcfg.init_vae_from)  # before config.json is written and the model built
-    model = UniMedVL(cfg.model, rngs=nnx.Rngs(int(tcfg.seed)))
-    if tcfg.init_vae_from:
-        install_vae(model, tcfg.init_vae_from)
-        say(f"installed the VAE of {tcfg.init_vae_from} (latent scale {cfg.model.vae.scale_factor:.4f}, "
-            f"shift {cfg.model.vae.shift_factor:.4f})")
-    shd.shard_model(model, cfg.mesh.rules, mesh)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if abstract:
+        graphdef, params, rest = abstract_model(cfg.model)
+    else:
+        model = UniMedVL(cfg.model, rngs=nnx.Rngs(int(tcfg.seed)))
+        if tcfg.init_vae_from:
+            install_vae(model, tcfg.init_vae_from)
+            say(f"installed the VAE of {tcfg.init_vae_from} (latent scale {cfg.model.vae.scale_factor:.4f}, "
+                f"shift {cfg.model.vae.shift_factor:.4f})")
+        shd.shard_model(model, cfg.mesh.rules, mesh)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tables = make_tables(cfg, params)
     tx = make_optimizer(cfg, tables)
     abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx), params)
@@ -270,7 +299,11 @@ def build_model_and_state(run: Run) -> ModelSetup:
     flops = FlopModel.from_params(params, cfg.model)
     if run.is_main:
         count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-        say(parameter_overview.get_parameter_overview(params.to_pure_dict(), include_stats=count <= 50_000_000))
+        if abstract:
+            say(f"{count:,} parameters (abstract)")
+        else:
+            say(parameter_overview.get_parameter_overview(params.to_pure_dict(),
+                                                          include_stats=count <= 50_000_000))
         say(f"FLOP model: {flops}")
     return ModelSetup(mesh, shd.data_sharding(mesh), graphdef, rest, params, tx, tables, abstract_state,
                       state_shardings, flops)
@@ -393,8 +426,9 @@ class _StepFeeder:
                 f"mse={row['mse']}, loss={row['loss']}, grad_norm={row['grad_norm']}")
 
 
-def _compiled_step(run: Run, setup: ModelSetup):
-    """The jitted train step (one compilation for every curriculum stage), with the skip counters as metrics."""
+def compiled_train_step(run: Run, setup: ModelSetup):
+    """The jitted train step (one compilation for every curriculum stage), with the skip counters as metrics:
+    what run_loop calls, and what unimedvl-compile lowers for a target topology (aot.py)."""
     step_fn = make_train_step(setup.graphdef, setup.rest, setup.tx, setup.tables, run.cfg)
 
     def step_with_counters(state, batch, key):
@@ -412,7 +446,7 @@ def run_loop(run: Run, setup: ModelSetup, start: Start, stream: DataStream, sigt
     Steps are dispatched asynchronously: a step's metrics are fetched after the next step is dispatched (one step
     in flight), and always before a checkpoint is written. Returns (the last state, whether preempted)."""
     ckpt, state = start.ckpt, start.state
-    train_step = _compiled_step(run, setup)
+    train_step = compiled_train_step(run, setup)
     feeder = _StepFeeder(run, setup, stream, hooks)
     key = jax.random.key(int(run.cfg.train.seed))
     if run.is_main:  # the config of the latest (re)start
