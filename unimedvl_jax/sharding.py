@@ -90,11 +90,12 @@ def hybrid_device_grid(shape, dcn_shape, devices):
     if len(dcn_shape) != len(MESH_AXES) or any(d < 1 or s % d for s, d in zip(shape, dcn_shape)):
         raise ValueError(f"mesh.dcn_shape {tuple(dcn_shape)} must divide mesh.shape {tuple(shape)} axis by axis")
     ici = [s // d for s, d in zip(shape, dcn_shape)]
-    by_slice = not all(getattr(d, "slice_index", None) is None for d in devices)
+    # compile-only GPU devices all say slice 0: slices are then the processes (hosts)
+    by_slice = len({getattr(d, "slice_index", None) for d in devices} - {None}) > 1
     granules = len({(d.slice_index if by_slice else d.process_index) for d in devices})
     if granules != math.prod(dcn_shape):
         raise ValueError(f"mesh.dcn_shape {tuple(dcn_shape)} needs {math.prod(dcn_shape)} "
-                         f"{'slices' if by_slice else 'processes (no slice_index on these devices)'}, "
+                         f"{'slices' if by_slice else 'processes (these devices share one slice_index)'}, "
                          f"have {granules}")
     return mesh_utils.create_hybrid_device_mesh(ici, dcn_shape, devices, process_is_granule=not by_slice)
 
@@ -195,3 +196,11 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def trace_platform() -> str:
+    """The platform the computation being traced is for: that of the devices of the active mesh context (the train
+    step traces inside its mesh, which for `unimedvl-compile` holds compile-only TPU / GPU devices of a machine
+    whose own backend is the CPU), else jax.default_backend(). 'gpu' for CUDA / ROCm devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    platform = device.platform if device is not None else jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform

@@ -21,15 +21,17 @@ from unimedvl_jax.models.attention_mask import MASKED as _MASKED
 from unimedvl_jax.models.attention_mask import TokenMeta, allowed, pad_meta, pad_tokens, segment_meta  # noqa: F401
 from unimedvl_jax.models.attention_pallas_gpu import pallas_gpu_attention
 from unimedvl_jax.models.attention_splash import splash_attention
+from unimedvl_jax.sharding import trace_platform
 
 PLATFORM_BACKENDS = {"tpu": "splash", "gpu": "pallas_gpu"}
 
 
 def resolve_backend(backend: str) -> str:
-    """The concrete backend for 'auto' on the default JAX platform (docs/packed_sequence.md §4.7); others unchanged."""
+    """The concrete backend for 'auto' on the platform being traced for (sharding.trace_platform: the mesh's devices,
+    else the default JAX platform; docs/packed_sequence.md §4.7); others unchanged."""
     if backend != "auto":
         return backend
-    return PLATFORM_BACKENDS.get(jax.default_backend(), "blocksparse")
+    return PLATFORM_BACKENDS.get(trace_platform(), "blocksparse")
 
 
 def _per_device(kernel):

@@ -54,6 +54,7 @@ from unimedvl_jax.models.attention_mask import (
     pad_tokens,
     query_ranges,
 )
+from unimedvl_jax.sharding import trace_platform
 
 _UNSEEN_LSE = -MASKED  # lse of a row that sees no key: exp(S - lse) is exactly 0 for every entry
 
@@ -251,8 +252,13 @@ def _query_spans(q_meta: TokenMeta, k_meta: TokenMeta, key_first, key_last):
     return first, last
 
 
-def _pow2_block(block_size: int, length: int) -> int:
-    return min(block_size, max(16, pl.next_power_of_2(length)))
+# Rows × padded head dim of one tile: blocks of 128 at head dim 128 fit an H100 / H200's 227 KiB of shared memory;
+# 512 at head dim 128 (the TPU-sized block of configs/unimedvl_14b.py) asked the compiler for 648 KiB.
+MAX_TILE = 128 * 128
+
+
+def _pow2_block(block_size: int, length: int, head_dim: int) -> int:
+    return min(block_size, max(16, MAX_TILE // head_dim), max(16, pl.next_power_of_2(length)))
 
 
 def pallas_gpu_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, scale: float, block_size: int,
@@ -264,10 +270,10 @@ def pallas_gpu_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, scale
     tk, hkv, _ = k.shape
     if hq % hkv:
         raise ValueError(f"query heads {hq} not a multiple of KV heads {hkv}")
-    interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
-    bq, bk = _pow2_block(block_size, tq), _pow2_block(block_size, tk)
-    tq_pad, tk_pad = -(-tq // bq) * bq, -(-tk // bk) * bk
+    interpret = trace_platform() != "gpu" if interpret is None else bool(interpret)
     d_pad = max(16, pl.next_power_of_2(d))
+    bq, bk = _pow2_block(block_size, tq, d_pad), _pow2_block(block_size, tk, d_pad)
+    tq_pad, tk_pad = -(-tq // bq) * bq, -(-tk // bk) * bk
 
     key_first, key_last = key_ranges(q_meta, k_meta)
     query_first, query_last = _query_spans(q_meta, k_meta, key_first, key_last)

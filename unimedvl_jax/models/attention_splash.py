@@ -41,11 +41,11 @@ metadata.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 
 from unimedvl_jax.models.attention_mask import TokenMeta, allowed
+from unimedvl_jax.sharding import trace_platform
 
 LANES = 128  # the kernel's tile granularity along both sequence axes
 
@@ -55,7 +55,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _default_interpret() -> bool:
-    backend = jax.default_backend()
+    backend = trace_platform()
     if backend == "cpu":
         return True
     if backend == "tpu":

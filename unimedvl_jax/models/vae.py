@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unimedvl_jax.models.layers import annotated_param, constant_init, param_keys, torch_default_init
+from unimedvl_jax.sharding import trace_platform
 
 CONV_AXES = ("conv_kh", "conv_kw", "vae_in", "vae_out")
 
@@ -217,7 +218,7 @@ def per_image(fn, x, images_per_call: int = 0):
     one image's stay in cache: the loop is faster. On an accelerator a bounded number per call bounds the memory:
     16 canvases of 1024² at 128 channels in bf16 are 4 GiB per activation (docs/memory.md).
     """
-    per_call = images_per_call or (1 if jax.default_backend() == "cpu" else x.shape[0])
+    per_call = images_per_call or (1 if trace_platform() == "cpu" else x.shape[0])
     if x.shape[0] <= per_call:
         return fn(x)
     return jax.lax.map(lambda image: fn(image[None])[0], x, batch_size=per_call if per_call > 1 else None)
