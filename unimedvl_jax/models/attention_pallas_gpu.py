@@ -252,9 +252,10 @@ def _query_spans(q_meta: TokenMeta, k_meta: TokenMeta, key_first, key_last):
     return first, last
 
 
-# Rows × padded head dim of one tile: blocks of 128 at head dim 128 fit an H100 / H200's 227 KiB of shared memory;
-# 512 at head dim 128 (the TPU-sized block of configs/unimedvl_14b.py) asked the compiler for 648 KiB.
-MAX_TILE = 128 * 128
+# Rows × padded head dim of one tile, so that every kernel (the dK / dV one holds the most) fits an H100 / H200's
+# 227 KiB of shared memory: at head dim 128, blocks of 512 (the TPU-sized block of configs/unimedvl_14b.py) asked
+# the compiler for 648 KiB and blocks of 128 for 258 KiB (unimedvl-compile on 8xh200); blocks of 64 fit.
+MAX_TILE = 64 * 128
 
 
 def _pow2_block(block_size: int, length: int, head_dim: int) -> int:
