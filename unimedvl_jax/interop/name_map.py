@@ -114,9 +114,9 @@ def build_name_map(model_or_state) -> list[NameMapEntry]:
         stacked = bool(axes) and axes[0] == LAYER_AXIS
         layers = range(shape[0]) if stacked else [None]
         shape = shape[1:] if stacked else shape
+        cut = _layers_end(path) if stacked else 0
         for layer in layers:
-            file, key, leaf = official_location(_layer_path(path) + (layer,) + tuple(path)[len(_layer_path(path)):]
-                                                if stacked else path)
+            file, key, leaf = official_location(tuple(path)[:cut] + (layer,) + tuple(path)[cut:] if stacked else path)
             transform = _transform_for(leaf, len(shape))
             entries.append(NameMapEntry(path=tuple(path), file=file, key=key, transform=transform, jax_shape=shape,
                                         official_shape=official_shape(transform, shape),
@@ -128,8 +128,6 @@ def build_name_map(model_or_state) -> list[NameMapEntry]:
     return entries
 
 
-def _layer_path(path) -> tuple:
-    """The path of a stacked variable up to and including its `layers` module."""
-    path = tuple(path)
-    cut = max(i for i, p in enumerate(path) if str(p) == "layers")
-    return path[:cut + 1]
+def _layers_end(path) -> int:
+    """Where a stacked variable's layer index goes in its path: just after its `layers` module."""
+    return max(i for i, p in enumerate(path) if str(p) == "layers") + 1
