@@ -1,9 +1,16 @@
-"""unimedvl-build-data: build ArrayRecord shards of unimed-mini or of a JSONL manifest (cached: a second run is a
-no-op).
+"""unimedvl-build-data: build ArrayRecord shards of unimed-mini, of a JSONL manifest or of a UniMedVL mixture YAML
+(cached: a second run is a no-op).
 
     unimedvl-build-data --dataset unimed-mini --data-dir DIR [--shard-records N]
     unimedvl-build-data --dataset manifest --manifest FILE --data-dir DIR [--shard-records N]
+    unimedvl-build-data --dataset mixture --mixture YAML [--dataset-info FILE] --data-dir DIR [--shard-records N]
     (or python -m data_pipelines.build ...)
+
+A mixture (docs/unimedvl_format.md) is written as one 'train' split of every group's selected lines / rows, each
+record carrying its loader's item plan and its group's image transforms; its bad lines, rows and images are
+counted by reason like a manifest's. Train on the shards with data.dataset=<the printed config name> (the
+curriculum's task mixture then applies), or stream the YAML directly with data.mixture=YAML (its weights and
+mandatory groups apply).
 
 Prints the dataset directory, per-split / per-task / per-modality counts, bad records by reason and shard bytes.
 Bad manifest lines (not UTF-8, invalid JSON, a repeated id, missing fields, missing / unreadable / oversize
@@ -28,9 +35,12 @@ from unimedvl_jax import entry_point
 
 
 def _define(fv: flags.FlagValues) -> None:
-    flags.DEFINE_enum("dataset", None, ["unimed-mini", "manifest"], "what to build", flag_values=fv)
+    flags.DEFINE_enum("dataset", None, ["unimed-mini", "manifest", "mixture"], "what to build", flag_values=fv)
     flags.DEFINE_string("data-dir", None, "TFDS data directory to write into", flag_values=fv)
     flags.DEFINE_string("manifest", None, "JSONL manifest (with --dataset manifest)", flag_values=fv)
+    flags.DEFINE_string("mixture", None, "UniMedVL mixture YAML (with --dataset mixture)", flag_values=fv)
+    flags.DEFINE_string("dataset-info", None, "dataset_info YAML / JSON of the mixture (default: the YAML's "
+                        "dataset_info key)", flag_values=fv)
     flags.DEFINE_integer("shard-records", None, "records per ArrayRecord shard (default: TFDS size-based sharding, "
                          "one shard < 64 MiB)", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("max-examples-per-split", None, "truncate each split (trial builds)", lower_bound=1,
@@ -45,12 +55,17 @@ COMMAND = entry_point.Command("unimedvl-build-data", __doc__, _define, required=
 
 def make_source(args):
     """Record source selected by the options."""
+    for option, dataset in (("manifest", "manifest"), ("mixture", "mixture"), ("dataset_info", "mixture")):
+        if getattr(args, option) is not None and args.dataset != dataset:
+            raise entry_point.UsageError(f"--{option.replace('_', '-')} only applies to --dataset {dataset}")
     if args.dataset == "manifest":
         if args.manifest is None:
             raise entry_point.UsageError("--dataset manifest needs --manifest FILE")
         return tfds_builder.ManifestSource(pathlib.Path(args.manifest))
-    if args.manifest is not None:
-        raise entry_point.UsageError("--manifest only applies to --dataset manifest")
+    if args.dataset == "mixture":
+        if args.mixture is None:
+            raise entry_point.UsageError("--dataset mixture needs --mixture YAML")
+        return tfds_builder.MixtureSource(pathlib.Path(args.mixture), args.dataset_info)
     return tfds_builder.UnimedMiniSource(args.max_side or unimed_mini.MAX_SIDE)
 
 

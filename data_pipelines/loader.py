@@ -1,4 +1,5 @@
-"""From config to a running input pipeline: open the built shards, get a tokenizer, build the iterator."""
+"""From config to a running input pipeline: open the built shards (or the UniMedVL mixture YAML of data.mixture,
+streamed from its files: docs/unimedvl_format.md), get a tokenizer, build the iterator."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import numpy as np
 
 from data_pipelines import tfds_builder
 from data_pipelines.data_shards import DataShardLayout
+from data_pipelines.mixture import Mixture
 from data_pipelines.packing import Packer
 from data_pipelines.pipeline import PackedBatchIterator, ShardedPackIterator, source_records, split_by_task
 from data_pipelines.sample_plan import Planner
 from data_pipelines.schema import decode_image
 from data_pipelines.transforms import ImageTransform
+from data_pipelines.unimedvl_stream import MixturePackIterator
 from unimedvl_jax.curriculum import StageSchedule
 from unimedvl_jax.tokenizers import SentencePieceTokenizer, load_tokenizer
 
@@ -30,6 +33,12 @@ def open_split(data_cfg, split: str):
     return tfds_builder.data_source(path, split)
 
 
+def open_mixture(data_cfg) -> Mixture | None:
+    """The Mixture of data_cfg.mixture (dataset_info from data_cfg.mixture_dataset_info or the YAML), else None."""
+    path = getattr(data_cfg, "mixture", "")
+    return Mixture.load(path, getattr(data_cfg, "mixture_dataset_info", "") or None) if path else None
+
+
 def corpus_texts(source) -> list[str]:
     """Every text segment of a source's records (bad records logged and skipped), for training a tokenizer."""
     return [s.text for record in source_records(source, name="tokenizer corpus") for s in record.segments
@@ -43,7 +52,8 @@ def get_tokenizer(data_cfg, model_cfg, *, workdir: str | None = None):
     cached = os.path.join(workdir, "tokenizer") if workdir else None
     if cached and os.path.isdir(cached):
         return load_tokenizer(cached)
-    texts = corpus_texts(open_split(data_cfg, data_cfg.train_split))
+    mixture = open_mixture(data_cfg)
+    texts = list(mixture.texts()) if mixture else corpus_texts(open_split(data_cfg, data_cfg.train_split))
     tok = SentencePieceTokenizer.train(texts, vocab_size=model_cfg.llm.vocab_size,
                                        special_ids=dict(model_cfg.special_tokens))
     log.info("trained a %d-piece SentencePiece tokenizer on %d texts", tok.vocab_size, len(texts))
@@ -52,23 +62,35 @@ def get_tokenizer(data_cfg, model_cfg, *, workdir: str | None = None):
     return tok
 
 
-def _pack_iterator(cfg, tokenizer, task_sources: dict, *, shard_index: int, shard_count: int, packs_per_step: int,
-                   start_step: int = 0, num_workers: int | None = None) -> PackedBatchIterator:
-    """The PackedBatch iterator of one data shard (source[shard_index::shard_count] of each task's records)."""
+def _pack_iterator(cfg, tokenizer, task_sources, *, shard_index: int, shard_count: int, packs_per_step: int,
+                   start_step: int = 0, num_workers: int | None = None):
+    """The PackedBatch iterator of one data shard: source[shard_index::shard_count] of each task's records, or of
+    each group's lines when `task_sources` is a Mixture."""
     data_cfg = cfg.data
-    return PackedBatchIterator(
+    kind = MixturePackIterator if isinstance(task_sources, Mixture) else PackedBatchIterator
+    return kind(
         task_sources, StageSchedule.from_config(cfg.curriculum), Planner.from_config(data_cfg, cfg.model, tokenizer),
         Packer.from_config(data_cfg, cfg.model), seed=int(data_cfg.seed), start_step=start_step,
         shard_index=shard_index, shard_count=shard_count,
         num_workers=int(data_cfg.num_workers if num_workers is None else num_workers), packs_per_step=packs_per_step)
 
 
+def _train_sources(data_cfg, split: str | None = None):
+    """The Mixture of data.mixture (training data only: no other split), else the per-task sources of a split."""
+    mixture = open_mixture(data_cfg)
+    if mixture is None:
+        return split_by_task(open_split(data_cfg, split or data_cfg.train_split))
+    if split not in (None, data_cfg.train_split):
+        raise ValueError(f"data.mixture={data_cfg.mixture} is training data only: it has no split {split!r}")
+    return mixture
+
+
 def make_iterator(cfg, tokenizer, *, split: str | None = None, start_step: int = 0, shard_index: int | None = None,
                   shard_count: int | None = None, num_workers: int | None = None,
-                  packs_per_step: int = 1) -> PackedBatchIterator:
-    """One PackedBatch iterator of cfg (model, data, curriculum); by default this JAX process's share."""
-    source = open_split(cfg.data, split or cfg.data.train_split)
-    return _pack_iterator(cfg, tokenizer, split_by_task(source),
+                  packs_per_step: int = 1) -> PackedBatchIterator | MixturePackIterator:
+    """One PackedBatch iterator of cfg (model, data, curriculum); by default this JAX process's share. With
+    data.mixture it streams the mixture's files (unimedvl_stream.MixturePackIterator)."""
+    return _pack_iterator(cfg, tokenizer, _train_sources(cfg.data, split),
                           shard_index=jax.process_index() if shard_index is None else shard_index,
                           shard_count=jax.process_count() if shard_count is None else shard_count,
                           packs_per_step=packs_per_step, start_step=start_step, num_workers=num_workers)
@@ -78,7 +100,7 @@ def make_sharded_iterator(cfg, tokenizer, layout: DataShardLayout, *,
                           num_workers: int | None = None) -> ShardedPackIterator:
     """The iterators of this process's data shards (data_pipelines/data_shards.py): shard s reads
     source[s::layout.shards] and yields layout.rows_per_shard packs per train step (one packer per shard)."""
-    task_sources = split_by_task(open_split(cfg.data, cfg.data.train_split))
+    task_sources = _train_sources(cfg.data)
     return ShardedPackIterator(
         {s: _pack_iterator(cfg, tokenizer, task_sources, shard_index=s, shard_count=layout.shards,
                            packs_per_step=layout.rows_per_shard, num_workers=num_workers)

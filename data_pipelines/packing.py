@@ -2,9 +2,9 @@
 
 Samples are appended in arrival order while every budget holds; a sample that does not fit closes the current
 pack and opens the next one (it is never dropped). A sample that exceeds a budget on its own can never fit and is
-rejected (logged with its record id and the budget, counted in `Packer.stats`). The tail of every pack is one
-causal PAD sample with its own sample and split id; every index buffer is padded with T (one past the end).
-Pure numpy, picklable: it runs inside data-loader worker processes.
+rejected (logged with its record id and the budget, counted in `Packer.stats`, the first ids kept there). The
+tail of every pack is one causal PAD sample with its own sample and split id; every index buffer is padded with T
+(one past the end). Pure numpy, picklable: it runs inside data-loader worker processes.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # Budget names = fields of PackBudgets = keys of SamplePlan.usage() (plus the per-image vae_image_size check).
 COUNT_BUDGETS = ("max_tokens", "und_capacity", "gen_capacity", "max_ce", "max_vit_patches", "max_vae_tokens",
                  "max_vae_images")
+KEEP_REJECTED = 1000  # rejected record ids listed in PackerStats; all are counted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +68,14 @@ class Pack:
 
 @dataclasses.dataclass
 class PackerStats:
-    """Counters of a Packer: accepted samples, emitted packs, rejections per budget."""
+    """Counters of a Packer: accepted samples, emitted packs, rejections per budget (and the first rejected
+    records: 'record id: why')."""
 
     samples: int = 0
     packs: int = 0
     rejected: int = 0
     rejected_by_budget: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    rejected_records: list = dataclasses.field(default_factory=list)
 
 
 def _pad_to(arrays, capacity: int, fill, dtype, width: int | None = None) -> np.ndarray:
@@ -115,13 +118,33 @@ class Packer:
     def _fits(self, usage: dict[str, int]) -> bool:
         return all(self._used[n] + usage[n] <= getattr(self.budgets, n) for n in COUNT_BUDGETS)
 
+    def overflow(self, plan: SamplePlan) -> list[str]:
+        """Budgets `plan` exceeds next to the samples already in the open pack ('budget (used + need > limit)', or
+        oversize()'s problems); empty if it fits."""
+        problems = self.oversize(plan)
+        if problems:
+            return problems
+        return [f"{n} ({self._used[n]} + {v} > {getattr(self.budgets, n)})" for n, v in plan.usage().items()
+                if self._used[n] + v > getattr(self.budgets, n)]
+
+    @property
+    def open_samples(self) -> int:
+        """Number of samples in the open pack."""
+        return len(self._open)
+
+    def reject(self, plan: SamplePlan, problems: list[str], why: str = "it alone exceeds") -> None:
+        """Count and log a sample that is not packed; `problems` are 'budget (detail)' strings."""
+        self.stats.rejected += 1
+        self.stats.rejected_by_budget.update(p.split(" ")[0] for p in problems)
+        if len(self.stats.rejected_records) < KEEP_REJECTED:
+            self.stats.rejected_records.append(f"{plan.record_id}: {why} {', '.join(problems)}")
+        log.warning("packing: rejected record %r, %s %s", plan.record_id, why, ", ".join(problems))
+
     def add(self, plan: SamplePlan) -> list[Pack]:
         """Add a sample; returns the pack it closed (if it did not fit the open one), else []."""
         problems = self.oversize(plan)
         if problems:
-            self.stats.rejected += 1
-            self.stats.rejected_by_budget.update(p.split(" ")[0] for p in problems)
-            log.warning("packing: rejected record %r, it alone exceeds %s", plan.record_id, ", ".join(problems))
+            self.reject(plan, problems)
             return []
         usage = plan.usage()
         done = [] if self._fits(usage) else self.flush()

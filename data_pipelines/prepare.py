@@ -13,7 +13,10 @@ from unimedvl_jax import distributed
 def ensure_dataset(data_cfg, console=print) -> pathlib.Path:
     """Build unimed-mini into data_cfg.data_dir when it is missing (process 0; the others wait); return its path.
 
-    Any other dataset must have been built beforehand (`unimedvl-build-data --dataset manifest ...`)."""
+    Any other dataset must have been built beforehand (`unimedvl-build-data --dataset manifest ...`). With
+    data.mixture the training data is streamed from the mixture's files: nothing to build, its path is returned."""
+    if getattr(data_cfg, "mixture", ""):
+        return pathlib.Path(data_cfg.mixture)
     path = tfds_builder.dataset_dir(data_cfg.data_dir, data_cfg.dataset)
     if not path.exists() and jax.process_index() == 0:
         if data_cfg.dataset != tfds_builder.UNIMED_MINI:

@@ -7,6 +7,8 @@ Builders per task (mirroring BAGEL's datasets):
   generation /   'input' image -> clean VAE (full, t = -inf) then ViT condition; 'target' image -> noised VAE
   interleaved    (noise, rope not advanced), followed by a clean VAE + ViT copy when more segments follow
                  (the edit builder order: noised, clean, ViT); 'context' texts are CFG-droppable prompts.
+A record with an explicit plan (schema.PlanSpec, e.g. from the UniMedVL-format readers) is laid out item by item
+instead, with the same §4.2 rules (docs/unimedvl_format.md "Explicit item plans").
 Local indices (token, split, image) start at 0 per sample; the Packer offsets them into a pack.
 """
 
@@ -253,24 +255,37 @@ class PlanBuilder:
             vae_token_index=cat(self.vae["index"], np.int32), vae_timestep=cat(self.vae["t"], np.float32))
 
 
+class _Images:
+    """The record's images, each decoded once and transformed on request."""
+
+    def __init__(self, record: Record):
+        self.record, self.decoded = record, {}
+
+    def __call__(self, index: int, transform: ImageTransform, img_num: int = 1) -> np.ndarray:
+        if index not in self.decoded:
+            self.decoded[index] = decode_image(self.record.images[index], record_id=self.record.id, index=index)
+        return transform(self.decoded[index], img_num=img_num)
+
+
+def _dropper(rng: np.random.Generator):
+    """drop(p): one CFG dropout draw (only items that may be dropped reach it)."""
+    return lambda p: p > 0 and rng.random() < p
+
+
 def record_to_plan(record: Record, tokenizer, transforms: Transforms, model_cfg, rng: np.random.Generator,
                    cfg_dropout: CfgDropout = NO_DROPOUT, *, special_token_loss: bool = False) -> SamplePlan:
     """Build the docs/packed_sequence.md §4.2 sample plan of a validated record (see the module docstring for the
-    per-task rules)."""
+    per-task rules); a record with an explicit plan (`record.plan`) follows its items instead."""
     check_compatible(tokenizer, model_cfg)
+    if record.plan is not None:
+        return _explicit_plan(record, tokenizer, transforms, model_cfg, rng, cfg_dropout, special_token_loss)
     segments = record.segments
     understanding = record.task == "understanding"
     n_images = sum(seg.kind == "image" for seg in segments)
     img_num = n_images if understanding and n_images > 1 else 1  # multi-image VLM SFT shares max_pixels
-    decoded: dict[int, object] = {}
-
-    def pixels(index, transform):
-        if index not in decoded:
-            decoded[index] = decode_image(record.images[index], record_id=record.id, index=index)
-        return transform(decoded[index], img_num=img_num)
-
-    def drop(p):  # CFG condition dropout (only items with enable_cfg reach here)
-        return p > 0 and rng.random() < p
+    images = _Images(record)
+    pixels = lambda index, transform: images(index, transform, img_num)  # noqa: E731
+    drop = _dropper(rng)
 
     b = PlanBuilder(record.id, model_cfg)
     for i, seg in enumerate(segments):
@@ -300,6 +315,59 @@ def record_to_plan(record: Record, tokenizer, transforms: Transforms, model_cfg,
     return b.build(record.task)
 
 
+def plan_transforms(record: Record, transforms: Transforms, model_cfg) -> Transforms:
+    """The planner's transforms with the record's explicit-plan overrides applied (strides checked)."""
+    spec = record.plan
+    if spec is None or (spec.vit_transform is None and spec.vae_transform is None):
+        return transforms
+    out = Transforms(vit=ImageTransform.from_config(spec.vit_transform) if spec.vit_transform else transforms.vit,
+                     vae=ImageTransform.from_config(spec.vae_transform) if spec.vae_transform else transforms.vae)
+    check_strides(out, model_cfg, f"record {record.id!r}")
+    return out
+
+
+def _explicit_plan(record: Record, tokenizer, transforms: Transforms, model_cfg, rng: np.random.Generator,
+                   cfg_dropout: CfgDropout, special_token_loss: bool) -> SamplePlan:
+    """The items of record.plan in order (docs/unimedvl_format.md "Explicit item plans"): a text item carries CE
+    when its segment is an 'answer', a VAE item is the noised target when its segment is a 'target'; items with
+    cfg may be dropped; an item with several segments uses one chosen uniformly from `rng`."""
+    items = record.plan.items
+    transforms = plan_transforms(record, transforms, model_cfg)
+    n_vit = sum(item.use == "vit" for item in items)
+    img_num = n_vit if n_vit > 1 else 1  # the ViT images of one sample share max_pixels, as the task path does
+    images, drop = _Images(record), _dropper(rng)
+    b = PlanBuilder(record.id, model_cfg)
+    for k, item in enumerate(items):
+        i = item.segments[0] if len(item.segments) == 1 else item.segments[int(rng.integers(len(item.segments)))]
+        seg = record.segments[i]
+        if item.use == "text":
+            loss = seg.role == "answer"
+            label = (tokenizer.start_of_image if special_token_loss and loss and k + 1 < len(items)
+                     and items[k + 1].use != "text" else None)
+            b.text(tokenizer.encode(seg.text), segment=i, loss=loss, dropped=item.cfg and drop(cfg_dropout.text),
+                   special_label=label)
+        elif item.use == "vit":
+            b.vit_image(images(seg.image, transforms.vit, img_num), segment=i,
+                        dropped=item.cfg and drop(cfg_dropout.vit))
+        else:
+            noised = seg.role == "target"
+            b.vae_image(images(seg.image, transforms.vae), segment=i, noised=noised,
+                        timestep=rng.standard_normal() if noised else -np.inf,
+                        dropped=item.cfg and drop(cfg_dropout.vae))
+    return b.build(record.task)
+
+
+def check_strides(transforms: Transforms, model_cfg, where: str) -> None:
+    """Raise ValueError (naming `where`) unless the strides fit the model's latent stride and ViT patch size."""
+    stride = int(model_cfg.vae.downsample) * int(model_cfg.latent_patch_size)
+    if transforms.vae.stride % stride:
+        raise ValueError(f"{where}: VAE transform stride={transforms.vae.stride} must be a multiple of "
+                         f"vae.downsample·latent_patch_size={stride}")
+    if transforms.vit.stride % int(model_cfg.vit.patch_size):
+        raise ValueError(f"{where}: ViT transform stride={transforms.vit.stride} must be a multiple of "
+                         f"vit.patch_size={model_cfg.vit.patch_size}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Planner:
     """record_to_plan bound to a tokenizer, transforms, model config, CFG dropout and special_token_loss."""
@@ -320,12 +388,6 @@ class Planner:
         """From data_cfg (vit_transform, vae_transform, cfg_dropout, special_token_loss) and the model config."""
         check_compatible(tokenizer, model_cfg)
         transforms = Transforms.from_config(data_cfg)
-        stride = int(model_cfg.vae.downsample) * int(model_cfg.latent_patch_size)
-        if transforms.vae.stride % stride:
-            raise ValueError(f"vae_transform.stride={transforms.vae.stride} must be a multiple of "
-                             f"vae.downsample·latent_patch_size={stride}")
-        if transforms.vit.stride % int(model_cfg.vit.patch_size):
-            raise ValueError(f"vit_transform.stride={transforms.vit.stride} must be a multiple of "
-                             f"vit.patch_size={model_cfg.vit.patch_size}")
+        check_strides(transforms, model_cfg, "data config (vit_transform / vae_transform)")
         return cls(tokenizer, transforms, model_cfg, CfgDropout.from_config(data_cfg["cfg_dropout"]),
                    bool(data_cfg.get("special_token_loss", False)))

@@ -7,6 +7,11 @@ a JSON header, then the PNG blobs back to back (lengths in the header). No pickl
 Segment roles:
   text  'context'  prompt / question / instruction (no loss)      'answer'  answer / caption / report (CE loss)
   image 'input'    conditioning image                             'target'  image to generate (flow-matching loss)
+
+An optional explicit plan (`Record.plan`, a PlanSpec) lists the sample's items in order instead of deriving them
+from the task (docs/unimedvl_format.md "Explicit item plans"): each item names the segment(s) it uses, how it is
+used ('text', 'vit', 'vae') and whether it may be CFG-dropped; a 'vae' item of a 'target' segment is the noised
+generation target, of an 'input' segment a clean condition; a 'text' item of an 'answer' segment carries CE.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ IMAGE_ROLES = ("input", "target")
 SPLITS = ("train", "val", "test")
 MAX_IMAGE_SIDE = 8192
 MAX_IMAGE_PIXELS = 20_000_000  # docs/preprocessing.md §6.1: images over 20 MP are rejected
+ITEM_USES = ("text", "vit", "vae")
+TRANSFORM_KEYS = ("max_size", "min_size", "stride", "max_pixels")
 
 
 class BadRecord(UserError):
@@ -41,6 +48,11 @@ class BadRecord(UserError):
         super().__init__(f"bad record {record_id!r} ({reason}): {detail}")
         self.reason, self.record_id, self.detail, self.line = reason, record_id, detail, line
 
+    @classmethod
+    def at(cls, reason: str, record_id: str, file: str, line: int, detail: str) -> "BadRecord":
+        """A BadRecord from line `line` of `file`, its detail prefixed with 'file:line'."""
+        return cls(reason, record_id, f"{file}:{line}: {detail}", line=line)
+
 
 @dataclasses.dataclass
 class Segment:
@@ -50,6 +62,61 @@ class Segment:
     role: str                 # TEXT_ROLES or IMAGE_ROLES
     text: str | None = None
     image: int | None = None
+
+
+@dataclasses.dataclass
+class ItemSpec:
+    """One item of an explicit plan: `segments` (one, or several of which one is chosen uniformly from the plan's
+    rng), used as 'text', 'vit' or 'vae'; `cfg`: the item may be CFG-dropped (the official `enable_cfg`)."""
+
+    segments: list[int]
+    use: str
+    cfg: bool = False
+
+
+@dataclasses.dataclass
+class PlanSpec:
+    """An explicit per-item plan; `vit_transform` / `vae_transform` (ImageTransform fields, TRANSFORM_KEYS) replace
+    the planner's transforms for this record when set."""
+
+    items: list[ItemSpec]
+    vit_transform: dict | None = None
+    vae_transform: dict | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PlanSpec":
+        """Inverse of dataclasses.asdict."""
+        return cls([ItemSpec(**item) for item in d["items"]], d.get("vit_transform"), d.get("vae_transform"))
+
+    def check(self, segments: list["Segment"], record_id: str) -> None:
+        """Raise BadRecord('bad_reference' / 'missing_field') for an item that does not fit `segments`."""
+        if not self.items:
+            raise BadRecord("missing_field", record_id, "explicit plan has no items")
+        used = set()
+        for k, item in enumerate(self.items):
+            if item.use not in ITEM_USES:
+                raise BadRecord("missing_field", record_id, f"plan item {k}: use {item.use!r} not in {ITEM_USES}")
+            if not item.segments or not all(isinstance(i, int) and 0 <= i < len(segments) for i in item.segments):
+                raise BadRecord("bad_reference", record_id, f"plan item {k} references segments {item.segments} of "
+                                                            f"{len(segments)}")
+            for i in item.segments:
+                seg = segments[i]
+                if (seg.kind == "text") != (item.use == "text"):
+                    raise BadRecord("missing_field", record_id, f"plan item {k} uses {seg.kind} segment {i} as "
+                                                                f"{item.use!r}")
+                if item.cfg and item.use == "vae" and seg.role == "target":
+                    raise BadRecord("missing_field", record_id, f"plan item {k}: a generation target cannot be "
+                                                                f"CFG-dropped")
+            used.update(item.segments)
+        if used != set(range(len(segments))):
+            raise BadRecord("bad_reference", record_id, f"segments {sorted(set(range(len(segments))) - used)} are "
+                                                        f"not used by the explicit plan")
+        for name in ("vit_transform", "vae_transform"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, dict) or not {"max_size", "min_size", "stride"}
+                                      <= set(value) <= set(TRANSFORM_KEYS)):
+                raise BadRecord("missing_field", record_id, f"plan {name} {value!r} must hold max_size, min_size, "
+                                                            f"stride and optionally max_pixels")
 
 
 @dataclasses.dataclass
@@ -67,11 +134,14 @@ class Record:
     license: str
     body_region: str | None = None
     meta: dict = dataclasses.field(default_factory=dict)
+    plan: PlanSpec | None = None  # explicit item plan (module docstring); None = derived from the task
 
     def to_bytes(self) -> bytes:
-        """Serialise (JSON header + PNG blobs)."""
+        """Serialise (JSON header + PNG blobs); a record without an explicit plan has no 'plan' key."""
         header = dataclasses.asdict(self)
         header.pop("images")
+        if self.plan is None:
+            header.pop("plan")
         header["image_lengths"] = [len(b) for b in self.images]
         blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         return struct.pack("<I", len(blob)) + blob + b"".join(self.images)
@@ -95,6 +165,8 @@ class Record:
                                                         f"{sum(lengths)}")
         try:
             header["segments"] = [Segment(**s) for s in header["segments"]]
+            if header.get("plan") is not None:
+                header["plan"] = PlanSpec.from_dict(header["plan"])
             return cls(images=images, **header)
         except (TypeError, KeyError) as e:
             raise BadRecord("missing_field", record_id, str(e)) from e
@@ -122,6 +194,8 @@ class Record:
                                                               f"{len(self.images)}")
             else:
                 raise BadRecord("missing_field", self.id, f"segment {i}: kind {seg.kind!r}")
+        if self.plan is not None:
+            self.plan.check(self.segments, self.id)
         for i, data in enumerate(self.images):
             decode_image(data, record_id=self.id, index=i)
         return self

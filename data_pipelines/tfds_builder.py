@@ -1,9 +1,12 @@
-"""TFDS builder writing records (unimed-mini or a JSONL manifest) to ArrayRecord shards, without TensorFlow.
+"""TFDS builder writing records (unimed-mini, a JSONL manifest or a UniMedVL mixture YAML) to ArrayRecord shards,
+without TensorFlow.
 
 Layout: DATA_DIR/unimed_records/<config>/<version>/unimed_records-<split>.array_record-0000i-of-0000n, where
-<config> is 'unimed_mini' (or 'unimed_mini_side<N>' for another max side) or 'manifest_<stem>_<sha256[:8] of the
-manifest text>'. Each example holds the serialised schema.Record ('record', bytes) plus 'id', 'task' and 'modality'
-for filtering without decoding. The dataset's metadata.json holds per-split counts (records, tasks, modalities,
+<config> is 'unimed_mini' (or 'unimed_mini_side<N>' for another max side), 'manifest_<stem>_<sha256[:8] of the
+manifest text>' or 'mixture_<stem>_<sha256[:8] of the YAML and dataset_info>' (every record in 'train', each with
+its explicit item plan and its group's transforms: docs/unimedvl_format.md).
+Each example holds the serialised schema.Record ('record', bytes) plus 'id', 'task' and 'modality' for filtering
+without decoding. The dataset's metadata.json holds per-split counts (records, tasks, modalities,
 kinds, images) and the bad-record counts by reason (with the reason, record id and manifest line of the first
 1000 bad records).
 
@@ -41,6 +44,7 @@ from tensorflow_datasets.core.utils import shard_utils
 
 from data_pipelines.bad_records import BadRecordCounter
 from data_pipelines.manifest import Manifest
+from data_pipelines.mixture import Mixture, mixture_records
 from data_pipelines.schema import SPLITS, Record
 from data_pipelines.sources import unimed_mini
 from data_pipelines.splits import split_for_scan
@@ -49,7 +53,7 @@ from unimedvl_jax.errors import UserError
 log = logging.getLogger(__name__)
 
 DATASET = "unimed_records"
-DATASET_VERSION = "1.1.0"
+DATASET_VERSION = "1.2.0"
 PROGRESS_EVERY = 1000
 KEEP_BAD_RECORDS = 1000  # bad records listed (reason, id, line) in metadata.json; all are counted
 UNIMED_MINI = "unimed_mini"  # config name of the embedded dataset at its default image size
@@ -95,6 +99,24 @@ class ManifestSource:
     def records(self, split: str, counter: BadRecordCounter) -> Iterator[Record]:
         """Valid records of one split; image-level errors are counted."""
         return self.manifest.records(split, counter, count_structural=False)
+
+
+class MixtureSource:
+    """A UniMedVL mixture YAML as a record source: every selected line / row of every group, all in 'train'."""
+
+    def __init__(self, path, dataset_info=None):
+        self.mixture = Mixture.load(path, dataset_info)
+        stem = "".join(c if c.isalnum() else "_" for c in pathlib.Path(path).name.split(".")[0]).lower()
+        self.name = f"mixture_{stem}_{self.mixture.digest[:8]}"
+        self.description = f"UniMedVL-format records of the mixture {self.mixture.path}"
+
+    def splits(self, counter: BadRecordCounter) -> list[str]:
+        """Only 'train': the official formats hold training data."""
+        return ["train"]
+
+    def records(self, split: str, counter: BadRecordCounter) -> Iterator[Record]:
+        """Valid records of every group; bad lines, rows and dropped images are counted."""
+        return mixture_records(self.mixture, counter)
 
 
 # --------------------------------------------------------------------------------------------- statistics
@@ -166,7 +188,9 @@ class UnimedRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version(DATASET_VERSION)
     RELEASE_NOTES = {"1.0.0": "Record schema v1: JSON header + PNG blobs.",
                      "1.1.0": "unimed-mini: MNI tissue maps answer modality questions with 'MRI' and get their own "
-                              "'which derived map' question."}
+                              "'which derived map' question.",
+                     "1.2.0": "Records may carry an explicit item plan (UniMedVL formats, docs/unimedvl_format.md); "
+                              "unimed-mini: more registry sources, splits stratified by modality."}
 
     def __init__(self, *, source, data_dir, config_name: str | None = None, **kwargs):
         self.source = source

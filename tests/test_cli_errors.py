@@ -79,7 +79,7 @@ def _cases(f: pathlib.Path):
         ("train-missing-config", train_cli.main, [f"--config={missing}.py", f"--workdir={out / 't'}"],
          f"--config {missing}.py: no such file"),
         ("train-not-built", train_cli.main, [*not_built, f"--workdir={out / 't'}"],
-         "manifest_x/1.1.0: dataset 'manifest_x' is not built"),
+         "manifest_x/1.2.0: dataset 'manifest_x' is not built"),
         ("train-json", train_cli.main, [*train, f"--config.data.tokenizer={f / 'tok' / 'spm_tokenizer.json'}",
                                         f"--workdir={out / 't2'}"], "tok/spm_tokenizer.json: not a valid"),
         ("train-vae-not-built", train_vae_cli.main, [*not_built, f"--out={out / 'v'}"], "is not built"),

@@ -25,6 +25,9 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         dataset="unimed_mini",  # builder config name: unimed_mini or manifest_<stem>_<hash>
         tokenizer="",  # tokenizer.json / SentencePiece dir; empty = train SentencePiece on the train split
         train_split="train",
+        # UniMedVL mixture YAML streamed from its JSONL / parquet files instead of shards (docs/unimedvl_format.md);
+        # dataset_info file (empty = the YAML's own dataset_info key).
+        mixture="", mixture_dataset_info="",
         num_workers=0,
         seed=0,
     ))
