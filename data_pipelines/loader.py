@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from data_pipelines import tfds_builder
+from data_pipelines.balance import balance_tasks
 from data_pipelines.data_shards import DataShardLayout
 from data_pipelines.mixture import Mixture
 from data_pipelines.packing import Packer
@@ -76,10 +77,15 @@ def _pack_iterator(cfg, tokenizer, task_sources, *, shard_index: int, shard_coun
 
 
 def _train_sources(data_cfg, split: str | None = None):
-    """The Mixture of data.mixture (training data only: no other split), else the per-task sources of a split."""
+    """The Mixture of data.mixture (training data only: no other split), else the per-task sources of a split
+    (the train split modality-balanced by data.balance_alpha, data_pipelines/balance.py)."""
     mixture = open_mixture(data_cfg)
     if mixture is None:
-        return split_by_task(open_split(data_cfg, split or data_cfg.train_split))
+        split = split or data_cfg.train_split
+        tasks = split_by_task(open_split(data_cfg, split))
+        if split != data_cfg.train_split:
+            return tasks
+        return balance_tasks(tasks, data_cfg.get("balance_alpha", 0.0), seed=int(data_cfg.seed))
     if split not in (None, data_cfg.train_split):
         raise ValueError(f"data.mixture={data_cfg.mixture} is training data only: it has no split {split!r}")
     return mixture

@@ -30,6 +30,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         mixture="", mixture_dataset_info="",
         num_workers=0,
         seed=0,
+        balance_alpha=0.0,  # modality-balanced sampling per task family, weight n_m^-alpha (data_pipelines/balance.py)
     ))
     c.update(overrides)
     return c

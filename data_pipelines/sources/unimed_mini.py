@@ -2,29 +2,36 @@
 
 Sources (all read from the local install, nothing is downloaded):
   * pydicom 3 test files and pydicom-data 1.0.0 (`pydicom.data.get_testdata_file(name, download=False)`): chest and
-    leg radiographs, head / body / perfusion CT, shoulder / abdomen / head MR, ultrasound stills and a 120-frame
-    epicardial cine, a whole-body bone scan.
+    leg radiographs, head / neck / body / perfusion CT, shoulder / abdomen / head MR, ultrasound stills, an adult
+    echocardiogram and a 120-frame epicardial cine, a whole-body bone scan.
   * scikit-image data: colour fundus photograph, fundus microaneurysm crop, IHC of colonic glands, phase image of a
     cell.
+  * mahotas demo data: fluorescence image of cell nuclei. stardist data: H&E histology tile (TCIA) and a
+    fluorescence nuclei image (2018 Data Science Bowl).
   * nilearn MNI152 ICBM 2009a T1 template with its grey / white-matter probability maps (3-D, sliced on 3 axes).
-  * nibabel test volumes: a normalised anatomical brain MRI and an FSL EPI (fMRI) volume.
+  * nibabel test data: a normalised anatomical brain MRI, an FSL EPI (fMRI) volume, an AFNI brain volume in
+    Talairach space and a time-of-flight MR angiography MIP (DICOM).
+  * matplotlib sample data: a 16-bit raw MRI image (s1045.ima.gz).
 
-Every 2-D image, volume slice and cine frame is an image unit (downscaled to `max_side`). Each unit gives one
-multi-turn VQA record whose answers come from DICOM tags or source metadata (modality, body region, view, plane,
-weighting, photometric interpretation, findings named in the source); single-image scans also get a caption, a
-text->image prompt and all paired tasks (2x / 4x super-resolution, denoising, CT window change), while units of
-volumes and cines rotate through those so the dataset stays small. MNI T1 slices pair with the grey / white-matter
-map of the same slice (T1 -> tissue map translation). Splits come from a hash of the source scan (salt `SALT`):
-slices of one volume and frames of one cine never straddle splits. Everything is deterministic: the per-record
-random numbers are seeded by the record id.
+The same image re-encoded in another transfer syntax (CT_small / MR_small / US1 / OBXXXX1A / ... variants, identical
+Study/Series UIDs) is one source and appears once. Every 2-D image, volume slice and cine frame is an image unit
+(downscaled to `max_side`). Each unit gives one multi-turn VQA record whose answers come from DICOM tags or source
+metadata (modality, body region, view, plane, weighting, photometric interpretation, colour, findings named in the
+source); single-image scans also get a caption, a text->image prompt and all paired tasks (2x / 4x super-resolution,
+denoising, CT window change), while units of volumes and cines rotate through those so the dataset stays small. MNI
+T1 slices pair with the grey / white-matter map of the same slice (T1 -> tissue map translation). Splits are by
+source scan, stratified by modality (sources/stratified_splits.py): slices of one volume and frames of one cine never
+straddle splits. Everything is deterministic: the per-record random numbers are seeded by the record id.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
 import hashlib
 import importlib.metadata
+import importlib.util
 import pathlib
 import re
 from collections.abc import Callable, Iterator
@@ -40,12 +47,14 @@ from pydicom.data import get_testdata_file
 from data_pipelines import dicom
 from data_pipelines.schema import Record, Segment, encode_png
 from data_pipelines.sources import medical_text
-from data_pipelines.splits import split_for_scan
+from data_pipelines.sources.stratified_splits import stratified_splits
 
 NAME = "unimed-mini"
-# Split salt, chosen once among unimed-mini-v0..v39 so that the two big scans (MNI volumes, US cine) land in train
-# and val / test each hold 4 scans of several modalities.
-SALT = "unimed-mini-v36"
+# Splits are stratified by modality (sources/stratified_splits.py): every modality with enough source scans gets
+# test and val scans, drawn in the order of a salted hash. The salt is the first of unimed-mini-v0.. for which the
+# two big scans (MNI volumes, epicardial US cine) land in train and a volume sliced on all three axes
+# (nibabel/anatomical) lands in test, so the plane question is asked on a brain the model never saw.
+SALT = "unimed-mini-v0"
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 MAX_SIDE = 256
 MANY_UNITS = 12            # scans with more image units than this rotate tasks instead of doing all of them
@@ -68,6 +77,19 @@ MNI_LICENSE = ("ICBM152 2009a template (Fonov 2011, Collins 1999): nilearn/datas
                "permits use, copy, modification and distribution with the copyright notice")
 NIBABEL_LICENSE = ("MIT (nibabel dist-info COPYING: 'The nibabel package, including all examples ... is covered by the "
                    "MIT license'; this test file is not listed separately)")
+MAHOTAS_LICENSE = ("MIT (mahotas dist-info METADATA 'License: MIT'; mahotas/demos/__init__.py names nuclear.png the "
+                   "'nuclear example image' and gives no separate notice)")
+STARDIST_LICENSES = {
+    "histo.jpg": "BSD-3-Clause (stardist dist-info licenses/LICENSE.txt); stardist/data/__init__.py "
+                 "test_image_he_2d: 'H&E stained RGB example image from the Cancer Imaging Archive'",
+    "img2d.tif": "BSD-3-Clause (stardist dist-info licenses/LICENSE.txt); stardist/data/__init__.py "
+                 "test_image_nuclei_2d: 'Fluorescence microscopy image ... from the 2018 kaggle DSB challenge' "
+                 "(Caicedo et al. 2019)",
+}
+
+MATPLOTLIB_LICENSE = ("Matplotlib License (PSF-style, matplotlib dist-info LICENSE); mpl-data/sample_data/README.txt "
+                      "only says the files are 'sample data needed for some of matplotlib's examples and docs' and "
+                      "names no other terms for s1045.ima.gz")
 
 CT_WINDOWS = {  # name -> (center, width) in HU
     "brain": (40, 80), "subdural": (75, 215), "bone": (600, 2800), "soft-tissue": (50, 400), "lung": (-600, 1500),
@@ -183,8 +205,8 @@ def _position(index: int, n: int, plane: str) -> str:
 
 
 def _dicom_units(max_side: int, *, path: pathlib.Path, source: str, description: str, facts: dict,
-                 ct_family: str | None) -> list[Unit]:
-    """Units of one DICOM file: tag-derived facts, each frame windowed and downscaled."""
+                 ct_family: str | None, drop: tuple = ()) -> list[Unit]:
+    """Units of one DICOM file: tag-derived facts (except those in `drop`), each frame windowed and downscaled."""
     image = dicom.load_dicom(path, record_id=source)
     ds = image.dataset
     n = len(image.frames)
@@ -196,6 +218,7 @@ def _dicom_units(max_side: int, *, path: pathlib.Path, source: str, description:
         tag_facts["view"] = str(ds.ViewPosition)
     if dicom.tag_value(ds, "ContrastBolusAgent"):
         tag_facts["contrast"] = "yes"
+    tag_facts = {k: v for k, v in tag_facts.items() if k not in drop}
     units = []
     for i, pixels in enumerate(image.to_uint8()):
         pixels = fit_max_side(pixels, max_side)
@@ -219,6 +242,17 @@ def _raster_units(max_side: int, *, path: pathlib.Path, source: str, description
                  for c in range(tiles)]
     return [Unit(key, fit_max_side(crop, max_side), {**facts, "color": _color_fact(crop)}, description, source)
             for key, crop in crops]
+
+
+def _raw_units(max_side: int, *, path: pathlib.Path, source: str, description: str, facts: dict,
+               shape: tuple[int, int], dtype: str) -> list[Unit]:
+    """Units of a headerless raw image (gzip-compressed): percentile-windowed to uint8 and downscaled."""
+    values = np.frombuffer(gzip.decompress(path.read_bytes()), dtype=dtype)
+    if values.size != shape[0] * shape[1]:
+        raise ValueError(f"{path}: {values.size} samples, expected {shape[0]}x{shape[1]}")
+    values = values.reshape(shape).astype(np.float32)
+    pixels = fit_max_side(dicom.apply_window(values, *dicom.percentile_window(values)), max_side)
+    return [Unit("image", pixels, {**facts, "color": "grayscale"}, description, source)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,8 +295,23 @@ def _volume_units(max_side: int, *, maps: tuple[VolumeMap, ...], axes: tuple[int
 # --------------------------------------------------------------------------------------------- catalog
 
 
+def _module_dir(module: str) -> pathlib.Path | None:
+    """Directory of an installed top-level package, found without importing it (None when it is not installed)."""
+    spec = importlib.util.find_spec(module)
+    return pathlib.Path(spec.origin).parent if spec is not None and spec.origin else None
+
+
+def _file_scan(key: str, package: str, module_file: str, path: pathlib.Path, license_: str, modality: str,
+               region: str | None, read, qa: tuple, **read_kwargs) -> Scan:
+    """Scan entry for one image file of an installed package; `read` is _dicom_units or _raster_units."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: unimed-mini source file missing from the installed {package}")
+    source = _package_file(package, module_file, path)
+    return Scan(key, license_, modality, region, functools.partial(read, path=path, source=source, **read_kwargs), qa)
+
+
 def _dicom_scan(name: str, modality: str, region: str | None, description: str, *, facts: dict,
-                ct_family: str | None = None, qa: tuple = ()) -> Scan | None:
+                ct_family: str | None = None, qa: tuple = (), drop: tuple = ()) -> Scan | None:
     """Scan entry for a DICOM test file shipped by pydicom or pydicom-data (None when it is not installed)."""
     found = get_testdata_file(name, download=False)
     if found is None:
@@ -271,20 +320,36 @@ def _dicom_scan(name: str, modality: str, region: str | None, description: str, 
     in_pydicom = pathlib.Path(pydicom.__file__).parent in path.parents
     package, license_ = ("pydicom", PYDICOM_LICENSE) if in_pydicom else ("pydicom-data", PYDICOM_DATA_LICENSE)
     module_file = pydicom.__file__ if in_pydicom else str(path.parent.parent / "__init__.py")
-    source = _package_file(package, module_file, path)
-    read = functools.partial(_dicom_units, path=path, source=source, description=description, facts=facts,
-                             ct_family=ct_family)
-    return Scan(f"{package}/{path.stem}", license_, modality, region, read, qa)
+    return _file_scan(f"{package}/{path.stem}", package, module_file, path, license_, modality, region, _dicom_units,
+                      qa, description=description, facts=facts, ct_family=ct_family, drop=drop)
+
+
+def _package_scan(package: str, module: str, relative: str, license_: str, modality: str, region: str | None,
+                  description: str, *, facts: dict, dicom_file: bool = False,
+                  raw: tuple | None = None, tiles: int = 1, qa: tuple = (), drop: tuple = ()) -> Scan | None:
+    """Scan entry for a DICOM, raw ((shape, dtype)) or raster file inside an installed package (None when the package
+    is not installed)."""
+    root = _module_dir(module)
+    if root is None:
+        return None
+    path = root / relative
+    key = f"{package}/{path.name.split('.')[0]}"
+    if dicom_file:
+        return _file_scan(key, package, str(root / "__init__.py"), path, license_, modality, region,
+                          _dicom_units, qa, description=description, facts=facts, ct_family=None, drop=drop)
+    if raw is not None:
+        return _file_scan(key, package, str(root / "__init__.py"), path, license_, modality, region, _raw_units, qa,
+                          description=description, facts=facts, shape=raw[0], dtype=raw[1])
+    return _file_scan(key, package, str(root / "__init__.py"), path, license_, modality, region, _raster_units, qa,
+                      description=description, facts=facts, tiles=tiles)
 
 
 def _skimage_scan(file: str, modality: str, region: str | None, description: str, *, facts: dict,
                   tiles: int = 1, qa: tuple = ()) -> Scan:
     """Scan entry for an image bundled in skimage/data."""
     path = pathlib.Path(skimage.data.__file__).parent / file
-    source = _package_file("scikit-image", skimage.__file__, path)
-    read = functools.partial(_raster_units, path=path, source=source, description=description, facts=facts,
-                             tiles=tiles)
-    return Scan(f"scikit-image/{path.stem}", SKIMAGE_LICENSES[file], modality, region, read, qa)
+    return _file_scan(f"scikit-image/{path.stem}", "scikit-image", skimage.__file__, path, SKIMAGE_LICENSES[file],
+                      modality, region, _raster_units, qa, description=description, facts=facts, tiles=tiles)
 
 
 def _volume_map(package_module, relative: str, name: str, description: str, facts: dict,
@@ -322,6 +387,10 @@ def scans() -> list[Scan]:
                     facts={**ct, "region": "head"}, ct_family="head"),
         _dicom_scan("explicit_VR-UN.dcm", "CT", "pancreas", "axial abdominal CT slice from a pancreas study",
                     facts={**ct, "region": "pancreas"}, ct_family="body"),
+        _dicom_scan("bad_sequence.dcm", "CT", "neck", "axial CT slice of the neck",     # BodyPartExamined NECK
+                    facts={**ct, "region": "neck"}, ct_family="body"),
+        _dicom_scan("J2K_pixelrep_mismatch.dcm", "CT", "head", "axial head CT slice",    # BodyPartExamined HEAD
+                    facts={**ct, "region": "head"}, ct_family="head"),
         _dicom_scan("eCT_Supplemental.dcm", "CT", "brain", "CT perfusion map of regional cerebral blood flow",
                     facts={**ct, "region": "brain"},
                     qa=(("What quantity does this CT perfusion map show?", "regional cerebral blood flow (rCBF)"),)),
@@ -346,6 +415,8 @@ def scans() -> list[Scan]:
         _dicom_scan("OBXXXX1A.dcm", "US", None, "obstetric ultrasound image", facts={**us, "exam": "obstetric"}),
         _dicom_scan("gdcm-US-ALOKA-16.dcm", "US", "abdomen", "abdominal ultrasound image",
                     facts={**us, "exam": "abdominal", "region": "abdomen"}),
+        _dicom_scan("JPGLosslessP14SV1_1s_1f_8b.dcm", "US", "heart", "adult echocardiography image",
+                    facts={**us, "exam": "echocardiography", "region": "heart"}),   # ImageType CARDIOLOGY, 'Adult Echo'
         _dicom_scan("JPEG2000_UNC.dcm", "NM", "whole body", "whole-body bone scintigraphy image",
                     facts={"modality_name": "nuclear medicine", "region": "whole body"},
                     qa=(("What kind of nuclear medicine study is this?", "whole-body bone scan"),)),
@@ -363,6 +434,20 @@ def scans() -> list[Scan]:
         _skimage_scan("cell.png", "MIC", None, "quantitative phase microscopy image of a single cell in saline",
                       facts={"modality_name": "quantitative phase microscopy"},
                       qa=(("How many cells are shown?", "one"),)),
+        _package_scan("mahotas", "mahotas", "demos/data/nuclear.png", MAHOTAS_LICENSE, "MIC", None,
+                      "fluorescence microscopy image of cell nuclei",
+                      facts={"modality_name": "fluorescence microscopy"}),
+        _package_scan("stardist", "stardist", "data/images/img2d.tif", STARDIST_LICENSES["img2d.tif"], "MIC", None,
+                      "fluorescence microscopy image of cell nuclei (2018 Data Science Bowl)",
+                      facts={"modality_name": "fluorescence microscopy"}),
+        _package_scan("stardist", "stardist", "data/images/histo.jpg", STARDIST_LICENSES["histo.jpg"], "HIS", None,
+                      "H&E-stained histology image", facts={"modality_name": "H&E-stained histology"},
+                      qa=(("Which stain is used?", "hematoxylin and eosin (H&E)"),)),
+        # A maximum-intensity projection: the slice plane of its ImageOrientationPatient is not the image's plane.
+        _package_scan("nibabel", "nibabel", "nicom/tests/data/slicethickness_empty_string.dcm", NIBABEL_LICENSE, "MRI",
+                      None, "time-of-flight MR angiography maximum-intensity projection", facts=mr, dicom_file=True,
+                      drop=("plane",), qa=(("What kind of MRI image is this?",
+                                            "a time-of-flight MR angiogram, maximum-intensity projection"),)),
         _volume_scan("nilearn/MNI152-ICBM2009a-sym", MNI_LICENSE, "brain", mni_maps),
         _volume_scan("nibabel/anatomical", NIBABEL_LICENSE, "brain", (
             _volume_map(nibabel, "tests/data/anatomical.nii", "anat",
@@ -371,6 +456,14 @@ def scans() -> list[Scan]:
             _volume_map(nibabel, "tests/data/example4d.nii.gz", "epi", "echo-planar functional MRI (fMRI) slice",
                         {**mr, "region": "brain"}),), axes=(2,),
             qa=(("What kind of MRI acquisition is this?", "echo-planar functional MRI"),)),
+        _volume_scan("nibabel/scaled+tlrc", NIBABEL_LICENSE, "brain", (
+            _volume_map(nibabel, "tests/data/scaled+tlrc.HEAD", "afni",
+                        "low-resolution brain MRI slice in Talairach space (AFNI dataset)",
+                        {**mr, "region": "brain"}),), axes=(2,)),
+        # 256x256 big-endian 16-bit samples (all < 256); matplotlib's gallery (mri_demo) shows it as an MRI image and
+        # documents neither the body region nor the plane, so neither is a fact here.
+        _package_scan("matplotlib", "matplotlib", "mpl-data/sample_data/s1045.ima.gz", MATPLOTLIB_LICENSE, "MRI",
+                      None, "MRI image", facts=mr, raw=((256, 256), ">u2")),
     ]
     return [scan for scan in catalog if scan is not None]
 
@@ -474,10 +567,20 @@ class _RecordMaker:
                            sources or [unit.source], **meta)
 
 
+def scan_splits(catalog: list[Scan], salt: str = SALT) -> dict[str, str]:
+    """{scan key: split}, stratified by modality (sources/stratified_splits.py)."""
+    keys = [scan.key for scan in catalog]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate unimed-mini scan keys: {sorted(k for k in keys if keys.count(k) > 1)}")
+    return stratified_splits({scan.key: scan.modality for scan in catalog}, salt=salt, fractions=SPLIT_FRACTIONS)
+
+
 def generate(*, split: str | None = None, max_side: int = MAX_SIDE, salt: str = SALT) -> Iterator[Record]:
     """Yield the unimed-mini records (all splits, or only `split`) in a fixed order."""
-    for scan in scans():
-        scan_split = split_for_scan(scan.key, salt=salt, fractions=SPLIT_FRACTIONS)
+    catalog = scans()
+    splits = scan_splits(catalog, salt)
+    for scan in catalog:
+        scan_split = splits[scan.key]
         if split is not None and scan_split != split:
             continue
         units = scan.read(max_side)
