@@ -87,3 +87,13 @@ def test_geometry_mismatch_and_missing_checkpoint_are_clear_errors(trained, tmp_
         vt.train_vae(trained["cfg"], str(trained["dir"]))
     report = json.loads((trained["dir"] / "config.json").read_text())["report"]
     assert report["train_images"] == 64
+
+
+def test_crop_sampler_pads_images_shorter_than_the_crop():
+    tall = np.linspace(-1, 1, 128 * 32 * 3, dtype=np.float32).reshape(128, 32, 3)    # a 1:4 whole-body scan
+    padded = vt.pad_to(tall, 64)
+    assert padded.shape == (128, 64, 3)
+    np.testing.assert_array_equal(padded[:, 16:48], tall)
+    np.testing.assert_array_equal(padded[:, :16], np.repeat(tall[:, :1], 16, axis=1))    # edge values
+    crops = next(vt.CropSampler([tall], 64, 8, seed=0))
+    assert crops.shape == (8, 64, 64, 3) and np.isfinite(crops).all()

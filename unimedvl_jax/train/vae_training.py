@@ -35,13 +35,15 @@ log = logging.getLogger(__name__)
 
 
 class CropSampler:
-    """Deterministic batches of random square crops (with horizontal flips) from a list of images."""
+    """Deterministic batches of random square crops (with horizontal flips) from a list of images; an image with a
+    side shorter than the crop (e.g. a 1:4 whole-body scan) is edge-padded to it, with a warning."""
 
     def __init__(self, images: list[np.ndarray], crop: int, batch: int, seed: int):
         small = [i for i, im in enumerate(images) if min(im.shape[:2]) < crop]
         if small:
-            raise ValueError(f"{len(small)} image(s) are smaller than crop_size={crop} (first: index {small[0]}, "
-                             f"shape {images[small[0]].shape}); lower vae_training.crop_size")
+            log.warning("%d image(s) have a side shorter than crop_size=%d (first: index %d, shape %s): edge-padded "
+                        "to it", len(small), crop, small[0], images[small[0]].shape)
+            images = [pad_to(im, crop) if i in set(small) else im for i, im in enumerate(images)]
         self.images, self.crop, self.batch = images, crop, batch
         self.rng = np.random.default_rng(seed)
 
@@ -54,6 +56,12 @@ class CropSampler:
             patch = im[y:y + self.crop, x:x + self.crop]
             out[b] = patch[:, ::-1] if self.rng.random() < 0.5 else patch
         return out
+
+
+def pad_to(image: np.ndarray, size: int) -> np.ndarray:
+    """`image` (H, W, C) edge-padded symmetrically so that both sides are at least `size`."""
+    ph, pw = max(0, size - image.shape[0]), max(0, size - image.shape[1])
+    return np.pad(image, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="edge")
 
 
 # --------------------------------------------------------------------------------------------- training
