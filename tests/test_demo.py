@@ -46,8 +46,13 @@ def test_grid_and_report():
     grid = demo.sample_grid(rows, cell=32)
     assert grid.shape[2] == 3 and grid.shape[0] >= 2 * 32 and grid.shape[1] >= 2 * 32
     assert (grid == 128).all(axis=-1).sum() >= 32 * 32 * 0.9          # the 16² image upscaled into its cell
-    vqa = {"test": {"n": 4, "accuracy": 0.75, "majority_answer": "mri", "majority_baseline": 0.5,
-                    "per_modality": {"MRI": {"n": 4, "accuracy": 0.75}}}}
+    modality = {"n": 4, "accuracy": 0.75, "majority_answer": "mri", "majority_baseline": 0.5,
+                "macro_modalities": ["CT", "MRI", "US", "CFP"], "macro_accuracy": 0.625, "majority_macro": 0.25,
+                "per_modality": {"MRI": {"n": 4, "scans": 2, "accuracy": 0.75, "majority_baseline": 1.0}}}
+    plane = {"n": 10, "accuracy": 0.7, "majority_answer": "axial", "majority_baseline": 0.4, "macro_modalities": [],
+             "macro_accuracy": float("nan"), "majority_macro": float("nan"),
+             "per_modality": {"MRI": {"n": 10, "scans": 1, "accuracy": 0.7, "majority_baseline": 0.4}}}
+    vqa = {"test": {"modality_name": modality, "plane": plane}}
     report = {"config": "tiny", "train_steps": 9, "seconds_total": 12.0, "timings": {"x": 1.0}, "vqa": vqa,
               "generation": {"n": 2, "cycle_correct": 1, "cycle_accuracy": 0.5,
                              "prompts": [{"modality": "CT", "prompt": "p", "expected": "CT",
@@ -56,5 +61,11 @@ def test_grid_and_report():
                                    "mean_psnr_bicubic": 30.0, "mean_psnr_model": 20.0},
               "vae": {"psnr_db": {"val": 18.0}}, "export": "/x"}
     text = demo._markdown(report)
-    assert "| test | 4 | 0.750 | mri | 0.500 |" in text and "Correct: 1 / 2 = 0.500" in text
+    assert "| modality_name | 4 | 0.750 | mri | 0.500 | 0.625 (4) | 0.250 |" in text
+    assert "| plane | 10 | 0.700 | axial | 0.400 | — (0) | — |" in text
+    assert "| MRI | 0.75 (4/2) [1.00] | 0.70 (10/1) [0.40] |" in text and "Correct: 1 / 2 = 0.500" in text
+    checks = demo.learning_checks(report)
+    assert checks["modality macro-accuracy"] == {"value": 0.625, "target": 0.6, "met": True}
+    assert checks["plane accuracy"]["met"] is False and checks["cycle check"]["met"] is True
+    assert "| plane accuracy | 0.700 | 0.8 | **no** |" in text
     assert "| r | 30.00 | 20.00 |" in text and "![samples](samples.png)" in text
