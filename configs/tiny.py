@@ -25,7 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
             bos_token_id=1000, eos_token_id=1001, start_of_image=1002, end_of_image=1003)),
         attention_block_size=128,
     )
-    cfg.data = data_config(num_workers=1)
+    # unimed-mini's train split is ~90% MRI slices: draw each modality with weight n_m^-0.75 (docs/unimed_mini.md;
+    # 0.5 / 0.75 / 1.0 gave held-out modality macro-accuracy 0.58 / 0.60 / 0.50 in one 900-step demo run each).
+    cfg.data = data_config(num_workers=1, balance_alpha=0.75)
     # Trained from scratch on unimed-mini, so a higher LR than BAGEL's fine-tuning 2e-5 and a faster EMA.
     cfg.curriculum = curriculum_config(steps=(300, 300, 300))
     cfg.curriculum.lr = (1e-3, 1e-3, 5e-4)
