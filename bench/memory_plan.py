@@ -29,16 +29,29 @@ TPU = GPU = []  # the configs' attention_backend 'auto' resolves for the target 
 # (config, topology, extra unimedvl-compile arguments, what the row is for)
 PLAN = [
     ("configs/unimedvl_14b.py", "v5p-32", TPU, "2 packs per chip"),
+    ("configs/unimedvl_14b.py", "v5p-32", TPU + ["--config.train.batch_packs=64"], "4 packs per chip"),
+    ("configs/unimedvl_14b.py", "v5p-32", TPU + ["--config.train.batch_packs=80"], "5 packs per chip"),
     ("configs/unimedvl_14b.py", "v5p-32", TPU + ["--config.model.scan_layers=False"], "loop instead of scan"),
+    ("configs/unimedvl_14b.py", "v5p-32", TPU + ["--config.model.scan_layers=False", "--config.data.max_tokens=8192",
+                                                "--config.data.und_capacity=8192"], "loop, shorter packs"),
     ("configs/unimedvl_14b.py", "v5p-64", TPU + ["--config.train.batch_packs=64"], "2 packs per chip"),
+    ("configs/unimedvl_14b.py", "v5p-64", TPU + ["--config.train.batch_packs=160"], "5 packs per chip"),
     ("configs/unimedvl_14b.py", "v5p-128", TPU + ["--config.train.batch_packs=128"], "2 packs per chip"),
+    ("configs/unimedvl_14b.py", "v5p-128", TPU + ["--config.train.batch_packs=320"], "5 packs per chip"),
     ("configs/unimedvl_14b.py", "v5p-32", TPU + ["--num-slices=2", "--config.train.batch_packs=64"],
      "2 slices over DCN"),
+    ("configs/unimedvl_14b.py", "v5p-32", TPU + ["--num-slices=2", "--config.train.batch_packs=128"],
+     "2 slices, 4 packs per chip"),
     ("configs/unimedvl_14b.py", "8xh200", GPU + ["--config.train.batch_packs=16"], "2 packs per GPU"),
+    ("configs/unimedvl_14b.py", "8xh200", GPU + ["--config.train.batch_packs=48"], "6 packs per GPU"),
+    ("configs/unimedvl_14b.py", "8xh200", GPU + ["--config.train.batch_packs=72"], "9 packs per GPU"),
     ("configs/unimedvl_14b.py", "2x8xh200", GPU + ["--config.train.batch_packs=32"], "2 packs per GPU"),
+    ("configs/unimedvl_14b.py", "2x8xh200", GPU + ["--config.train.batch_packs=112"], "7 packs per GPU"),
+    ("configs/unimedvl_14b.py", "2x8xh200", GPU + ["--config.train.batch_packs=176"], "11 packs per GPU"),
     ("configs/unimedvl_1p5b.py", "v5p-8", TPU + ["--config.train.batch_packs=8",
-                                                 "--config.optim.grad_accum_steps=2"], "2 packs per chip"),
-    ("configs/unimedvl_1p5b.py", "1xh200", GPU, "one GPU"),
+                                                 "--config.optim.grad_accum_steps=2"],
+     "2 packs per chip, 2 micro-batches"),
+    ("configs/unimedvl_1p5b.py", "1xh200", GPU, "8 packs, 8 micro-batches"),
 ]
 
 
@@ -90,7 +103,17 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="run the rows whose topology contains this string")
     p.add_argument("--rows", default="", help="run these rows of PLAN (comma-separated indices)")
     p.add_argument("--out", default=None, help="directory for the per-row JSON reports (default: a temp dir)")
+    p.add_argument("--from-json", nargs="*", default=None, metavar="ROW=FILE",
+                   help="render rows from existing unimedvl-compile JSON reports instead of compiling (ROW: index in "
+                        "PLAN)")
     args = p.parse_args(argv)
+    if args.from_json is not None:
+        print(HEADER)
+        for item in args.from_json:
+            index, _, path = item.partition("=")
+            report = json.loads(pathlib.Path(path).read_text())
+            print(table_row(*PLAN[int(index)], report))
+        return 0
     out_dir = pathlib.Path(args.out or tempfile.mkdtemp(prefix="memory-plan-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
