@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow.parquet as pq
 import yaml
 
 from data_pipelines import unimedvl_format as fmt
@@ -308,8 +309,6 @@ def _jsonl_lines(path: str) -> list[tuple[int, int]]:
 
 def _parquet_rows(path: str) -> int:
     """Number of rows of a parquet file."""
-    import pyarrow.parquet as pq
-
     try:
         return pq.ParquetFile(path).metadata.num_rows
     except OSError as e:
@@ -389,8 +388,6 @@ class GroupReader:
             return self._locked_row(path, row)
 
     def _locked_row(self, path: str, row: int):
-        import pyarrow.parquet as pq
-
         if path not in self._files:
             pf = pq.ParquetFile(path)
             starts = np.cumsum([0] + [pf.metadata.row_group(k).num_rows for k in range(pf.num_row_groups)])
