@@ -43,7 +43,8 @@ class CropSampler:
         if small:
             log.warning("%d image(s) have a side shorter than crop_size=%d (first: index %d, shape %s): edge-padded "
                         "to it", len(small), crop, small[0], images[small[0]].shape)
-            images = [pad_to(im, crop) if i in set(small) else im for i, im in enumerate(images)]
+            short = set(small)
+            images = [pad_to(im, crop) if i in short else im for i, im in enumerate(images)]
         self.images, self.crop, self.batch = images, crop, batch
         self.rng = np.random.default_rng(seed)
 
