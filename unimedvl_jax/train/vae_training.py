@@ -140,7 +140,8 @@ def train_vae(cfg, out_dir: str, *, console=print) -> dict:
     console(f"VAE training: {len(images)} train images, {len(held_out)} val images, {tc.steps} steps of "
             f"{tc.batch_size}×{tc.crop_size}² crops")
     with nnx.use_eager_sharding(False):  # single-device training: independent of the caller's sharding mode
-        vae = AutoEncoder(vae_cfg, rngs=nnx.Rngs(int(tc.seed)))
+        vae = AutoEncoder(vae_cfg, images_per_call=int(tc.get("images_per_call", 0)) or int(tc.batch_size),
+                          rngs=nnx.Rngs(int(tc.seed)))
     schedule = optax.warmup_cosine_decay_schedule(0.0, float(tc.lr), min(int(tc.warmup_steps), int(tc.steps) // 2),
                                                   int(tc.steps), float(tc.min_lr))
     tx = optax.chain(optax.clip_by_global_norm(float(tc.grad_clip)), optax.adam(schedule))
