@@ -219,6 +219,30 @@ def describe_save_error(e: BaseException, *, step: int, directory: str, nbytes: 
 # ----------------------------------------------------------------------------------------------------------
 # orbax's noise around a failed read or write
 # ----------------------------------------------------------------------------------------------------------
+# orbax's storage layer (TensorStore, its OCDBT format) raises from C++: such errors carry no orbax frames, only these
+ORBAX_WORDS = ("orbax", "tensorstore", "ocdbt")
+
+
+def _in_orbax(tb) -> bool:
+    """Whether a traceback passes through orbax's source files."""
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _raised_in_orbax(exc: BaseException | None) -> bool:
+    """Whether `exc` or an exception it was raised from or during passed through orbax's source files."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if _in_orbax(exc.__traceback__):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 class OrbaxNoise(logging.Filter):
     """Keeps orbax's reports of one failed read or write off the console; the failure itself surfaces as one line.
 
@@ -255,8 +279,10 @@ class OrbaxNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
             return True
-        if record.name == "asyncio":
-            if "orbax" not in record.getMessage():
+        if record.name == "asyncio":  # e.g. "_GatheringFuture exception was never retrieved" of an abandoned read
+            exc = record.exc_info[1] if record.exc_info else None
+            text = f"{record.getMessage()} {exc}".lower()
+            if not any(word in text for word in ORBAX_WORDS) and not _raised_in_orbax(exc):
                 return True
         elif f"{os.sep}orbax{os.sep}" not in (record.pathname or ""):
             return True
@@ -268,12 +294,7 @@ class OrbaxNoise(logging.Filter):
 
     def _unraisable(self, unraisable) -> None:
         exc, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
-        files = []
-        tb = unraisable.exc_traceback
-        while tb is not None:
-            files.append(tb.tb_frame.f_code.co_filename)
-            tb = tb.tb_next
-        if ("Event loop is closed" in str(exc) or any(f"{os.sep}orbax{os.sep}" in f for f in files)
+        if ("Event loop is closed" in str(exc) or _in_orbax(unraisable.exc_traceback)
                 or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename)):
             self._keep(f"{type(exc).__name__}: {_first_line(exc, 120)}")
         else:
