@@ -31,14 +31,9 @@ def test_asyncio_report_of_an_abandoned_orbax_read_is_kept_off_the_console():
     orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "serialization.py")
     assert noise.filter(_asyncio_record(_raise_from(orbax_file))) is False
     assert list(noise.counts) == ["asyncio: _GatheringFuture exception was never retrieved"]
-    try:  # raised while handling an orbax error: the chain is followed
-        try:
-            raise _raise_from(orbax_file)
-        except Exception:
-            raise ValueError("wrapped") from None
-    except ValueError as wrapped:
-        wrapped.__suppress_context__ = False
-        assert noise.filter(_asyncio_record(wrapped)) is False
+    wrapped = ValueError("wrapped")  # raised while handling an orbax error: the chain is followed
+    wrapped.__context__ = _raise_from(orbax_file)
+    assert noise.filter(_asyncio_record(wrapped)) is False
 
 
 def test_asyncio_report_of_a_tensorstore_error_without_orbax_frames_is_kept_off_the_console():

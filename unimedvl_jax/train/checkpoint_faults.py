@@ -223,10 +223,15 @@ def describe_save_error(e: BaseException, *, step: int, directory: str, nbytes: 
 ORBAX_WORDS = ("orbax", "tensorstore", "ocdbt")
 
 
+def _orbax_file(path: str | None) -> bool:
+    """Whether a source file path lies inside the orbax package."""
+    return f"{os.sep}orbax{os.sep}" in (path or "")
+
+
 def _in_orbax(tb) -> bool:
     """Whether a traceback passes through orbax's source files."""
     while tb is not None:
-        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+        if _orbax_file(tb.tb_frame.f_code.co_filename):
             return True
         tb = tb.tb_next
     return False
@@ -284,7 +289,7 @@ class OrbaxNoise(logging.Filter):
             text = f"{record.getMessage()} {exc}".lower()
             if not any(word in text for word in ORBAX_WORDS) and not _raised_in_orbax(exc):
                 return True
-        elif f"{os.sep}orbax{os.sep}" not in (record.pathname or ""):
+        elif not _orbax_file(record.pathname):
             return True
         elif (record.exc_info and record.exc_info[1] is not None and self.background_error is None
               and threading.current_thread() is not threading.main_thread()):
@@ -295,7 +300,7 @@ class OrbaxNoise(logging.Filter):
     def _unraisable(self, unraisable) -> None:
         exc, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
         if ("Event loop is closed" in str(exc) or _in_orbax(unraisable.exc_traceback)
-                or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename)):
+                or (code is not None and _orbax_file(code.co_filename))):
             self._keep(f"{type(exc).__name__}: {_first_line(exc, 120)}")
         else:
             self._previous_hook(unraisable)
