@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 LAYER_MODULES = ("dense", "moe", "mot")
-ATTENTION_BACKENDS = ("auto", "dense", "chunked", "blocksparse", "splash", "pallas_gpu")
+ATTENTION_BACKENDS = ("auto", "dense", "chunked", "blocksparse", "cpu_ffi", "splash", "pallas_gpu")
 # models/remat.py REMAT_POLICIES (defined there; listed here so that configs are checked without the models)
 REMAT_POLICY_NAMES = ("none", "full", "minimal", "save_qkv_proj", "save_attention_out", "offload_qkv_proj",
                       "offload_attention_out")

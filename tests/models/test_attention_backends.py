@@ -10,7 +10,7 @@ import pytest
 from unimedvl_jax.models.attention import packed_attention, segment_meta
 from unimedvl_jax.packed_batch import CAUSAL, FULL, NOISE
 
-BACKENDS = ["chunked", "blocksparse"]
+BACKENDS = ["chunked", "blocksparse", "cpu_ffi"]
 
 
 def random_meta(seed: int, pad_to: int | None = None):

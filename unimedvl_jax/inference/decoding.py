@@ -4,7 +4,7 @@ Each row keeps its own cache, kv_len and rope; the rows' caches are stacked on a
 form (one buffer per layer), and one jitted step advances every row by one token (the single-context cache append,
 vmapped): the step donates the cache, so each layer's new K/V is written in place. Shapes depend only on
 (batch, max_len), never on the token index or the prompt lengths, so the step compiles once per cache shape.
-The block-sparse backends visit only the key blocks up to each row's fill, so a step's cost follows the context
+The block-sparse backends and `cpu_ffi` visit only the keys up to each row's fill, so a step's cost follows the context
 length; `dense` attends over all max_len slots (empty ones masked) (docs/inference.md §5.2).
 """
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from unimedvl_jax.config import ATTENTION_BACKENDS
+from unimedvl_jax.models import attention_cpu_ffi
 from unimedvl_jax.models.attention_blocksparse import blocksparse_attention
 from unimedvl_jax.models.attention_mask import MASKED as _MASKED
 from unimedvl_jax.models.attention_mask import TokenMeta, allowed, pad_meta, pad_tokens, segment_meta  # noqa: F401
@@ -31,7 +32,10 @@ def resolve_backend(backend: str) -> str:
     else the default JAX platform; docs/packed_sequence.md §4.7); others unchanged."""
     if backend != "auto":
         return backend
-    return PLATFORM_BACKENDS.get(trace_platform(), "blocksparse")
+    platform = trace_platform()
+    if platform in PLATFORM_BACKENDS:
+        return PLATFORM_BACKENDS[platform]
+    return "cpu_ffi" if attention_cpu_ffi.available() else "blocksparse"
 
 
 def _per_device(kernel):
@@ -111,6 +115,9 @@ def packed_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, backend: 
         return _chunked(q, k, v, q_meta, k_meta, scale, block_size)
     if backend == "blocksparse":
         return blocksparse_attention(q, k, v, q_meta, k_meta, scale=scale, block_size=block_size)
+    if backend == "cpu_ffi":
+        return _per_device(functools.partial(attention_cpu_ffi.cpu_ffi_attention, scale=scale))(
+            q, k, v, q_meta, k_meta)
     if backend == "splash":  # TPU tiles: a multiple of 128
         return _per_device(functools.partial(splash_attention, scale=scale, block_size=-(-block_size // 128) * 128))(
             q, k, v, q_meta, k_meta)

@@ -1,0 +1,605 @@
+// Packed attention for XLA:CPU as an XLA FFI custom call (docs/packed_sequence.md §4.7, backend `cpu_ffi`).
+//
+// Each query row visits only the key slots [first, last] it may see (computed by the caller from the metadata) and
+// tests the §4.3 mask per (query, key) pair, so the cost follows the allowed pairs (Σ sample_len²), with no block
+// rounding and no score tiles in memory. Forward: scores of one row, softmax, P·V, and the row's log-sum-exp.
+// Backward: the flash-attention recurrences per row (P recomputed from the log-sum-exp), dK / dV summed over runs of
+// rows into per-thread buffers added up at the end, so threads never write the same slot (docs/packed_sequence.md
+// §4.7 has the layout of the work).
+//
+// Layouts (row-major, any leading batch dims flattened to B): q, out, d_out, dq (B, Tq, Hq, D); k, v, dk, dv
+// (B, Tk, Hkv, D); metadata (B, T) int32; first / last (B, Tq) int32; lse, delta (B, Tq, Hq) fp32.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct Meta {
+  const int32_t* sample;
+  const int32_t* split;
+  const int32_t* mode;
+  const int32_t* index;
+};
+
+struct Geometry {
+  int64_t batch, tq, tk, hq, hkv, d;
+  int64_t group() const { return hq / hkv; }
+};
+
+// docs/packed_sequence.md §4.3: same sample AND (key not after query OR same bidirectional split) AND NOT foreign
+// noise.
+inline bool Allowed(const Meta& q, int64_t qi, const Meta& k, int64_t ki, int32_t causal, int32_t noise) {
+  if (q.sample[qi] != k.sample[ki]) return false;
+  const bool same_split = q.split[qi] == k.split[ki];
+  if (k.mode[ki] == noise && !same_split) return false;
+  return k.index[ki] <= q.index[qi] || (same_split && q.mode[qi] != causal);
+}
+
+// exp(x) for x <= 0 (Cephes' single-precision polynomial, ~1 ulp), written branch-free so that loops over it
+// vectorise; -inf and anything below the float range give exactly 0.
+inline float ExpNonPositive(float x) {
+  const float clamped = std::max(x, -87.0f);
+  const float t = clamped * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
+  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = (p * r * r + r) + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+// Dot product and y += a·x over one head's D features. kD > 0 fixes D at compile time (fully unrolled, vectorised
+// without a remainder loop); kD == 0 takes the runtime d.
+template <int kD>
+inline float Dot(const float* __restrict a, const float* __restrict b, int64_t d) {
+  const int64_t n = kD > 0 ? kD : d;
+  float acc[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
+  float sum = 0.0f;
+  for (int j = 0; j < 16; ++j) sum += acc[j];
+  if constexpr (kD % 16 != 0 || kD == 0)
+    for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+template <int kD>
+inline void Axpy(float* __restrict y, float a, const float* __restrict x, int64_t d) {
+  const int64_t n = kD > 0 ? kD : d;
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// 16 floats as one value (GCC / Clang vector extension): one AVX-512 register, two AVX2 ones. Accumulators of this
+// type stay in registers where float arrays get spilled to the stack.
+typedef float Vec __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
+
+inline Vec LoadVec(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void StoreVec(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+
+// out = scale · Σ_j w[j] · rows[j·stride : j·stride + D], accumulated in registers (two interleaved partial sums
+// hide the FMA latency); kD == 0 (runtime d) accumulates in `out`.
+template <int kD>
+inline void WeightedSum(const float* w, const float* rows, int64_t stride, int64_t n, float scale, float* out,
+                        int64_t d) {
+  if constexpr (kD > 0 && kD % kLanes == 0) {
+    constexpr int kV = kD / kLanes;
+    Vec even[kV] = {}, odd[kV] = {};
+    int64_t j = 0;
+    for (; j + 2 <= n; j += 2) {
+      const float* a = rows + j * stride;
+      const float* b = a + stride;
+      for (int i = 0; i < kV; ++i) {
+        even[i] += w[j] * LoadVec(a + i * kLanes);
+        odd[i] += w[j + 1] * LoadVec(b + i * kLanes);
+      }
+    }
+    if (j < n)
+      for (int i = 0; i < kV; ++i) even[i] += w[j] * LoadVec(rows + j * stride + i * kLanes);
+    for (int i = 0; i < kV; ++i) StoreVec(out + i * kLanes, (even[i] + odd[i]) * scale);
+  } else {
+    std::fill(out, out + d, 0.0f);
+    for (int64_t j = 0; j < n; ++j) Axpy<0>(out, w[j], rows + j * stride, d);
+    for (int64_t i = 0; i < d; ++i) out[i] *= scale;
+  }
+}
+
+int NumThreads() {
+  static const int n = [] {
+    const char* env = std::getenv("UNIMEDVL_CPU_ATTENTION_THREADS");
+    int v = env ? std::atoi(env) : static_cast<int>(std::thread::hardware_concurrency());
+    return std::max(1, v);
+  }();
+  return n;
+}
+
+// Threads for n query rows: every core, but at most one per row.
+int ThreadsFor(int64_t n) { return static_cast<int>(std::min<int64_t>(NumThreads(), std::max<int64_t>(n, 1))); }
+
+// Runs body(thread, first_row, end_row) over rows [0, n) on `threads` threads, in tasks taken from a shared counter:
+// about 8 tasks per thread (rows differ in cost), at most 16 rows each.
+template <class Body>
+void ParallelRows(int64_t n, int threads, Body body) {
+  const int64_t rows_per_task = std::clamp<int64_t>(n / (8 * threads), 1, 16);
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int thread) {
+    for (int64_t start; (start = next.fetch_add(rows_per_task)) < n;)
+      body(thread, start, std::min(n, start + rows_per_task));
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(worker, t);
+  worker(0);
+  for (auto& th : pool) th.join();
+}
+
+Meta MetaOf(ffi::Buffer<ffi::S32> sample, ffi::Buffer<ffi::S32> split, ffi::Buffer<ffi::S32> mode,
+            ffi::Buffer<ffi::S32> index) {
+  return {sample.typed_data(), split.typed_data(), mode.typed_data(), index.typed_data()};
+}
+
+ffi::Error CheckGeometry(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, Geometry* g) {
+  auto qd = q.dimensions();
+  auto kd = k.dimensions();
+  if (qd.size() < 3 || qd.size() != kd.size())
+    return ffi::Error::InvalidArgument("cpu_ffi attention: q and k must be (..., T, H, D) of equal rank");
+  g->batch = 1;
+  for (size_t i = 0; i + 3 < qd.size(); ++i) {
+    if (qd[i] != kd[i]) return ffi::Error::InvalidArgument("cpu_ffi attention: q and k batch dims differ");
+    g->batch *= qd[i];
+  }
+  const size_t r = qd.size();
+  g->tq = qd[r - 3];
+  g->hq = qd[r - 2];
+  g->d = qd[r - 1];
+  g->tk = kd[r - 3];
+  g->hkv = kd[r - 2];
+  if (kd[r - 1] != g->d || g->hkv == 0 || g->hq % g->hkv != 0)
+    return ffi::Error::InvalidArgument("cpu_ffi attention: head dims or head counts do not match");
+  return ffi::Error::Success();
+}
+
+// Key range of one row, clipped to the cache: [lo, lo + span).
+struct Range {
+  int64_t lo, span;
+};
+
+inline Range RowRange(const int32_t* first, const int32_t* last, int64_t row, int64_t tk) {
+  const int64_t lo = std::max<int64_t>(first[row], 0), hi = std::min<int64_t>(last[row], tk - 1);
+  return {lo, std::max<int64_t>(hi - lo + 1, 0)};
+}
+
+// Per-thread work space for a run of query rows of one batch entry: the union of their key ranges, K (and V) of
+// those slots transposed to (Hkv, D, U) so that one row's scores against consecutive keys are vector FMAs (no
+// horizontal sums), the row's mask over its range, and two (Hq, span) score buffers.
+struct Tiles {
+  static constexpr int64_t kKeys = 64;  // keys per register block in Scores
+  static constexpr int64_t kRunRows = 16;  // rows per run (StaticRows' chunk)
+  // Tile row pitch: Tk + 16, not a power of two (with a 2^k stride the d loop's loads collide in the cache). Declared
+  // before the buffers sized by it.
+  int64_t pitch;
+  std::vector<float> kt, vt, a, b;
+  std::vector<float> run_p, run_ds;  // backward: P and dS of the run's rows over the union, (row, Hq, U)
+  std::vector<uint8_t> mask;
+  int64_t lo = 0, width = 0, batch_entry = 0;  // the run's union of key ranges: [lo, lo + width)
+  int64_t tile_entry = -1, tile_base = 0, tile_end = 0;  // kt / vt hold slots [tile_base, tile_end) of tile_entry
+  const float *k_src = nullptr, *v_src = nullptr;
+  bool direct = false;  // one row: read K / V in place (transposing would cost as much as the row itself)
+
+  Tiles(const Geometry& g, bool with_v)
+      : pitch(g.tk + kLanes),
+        kt(g.hkv * g.d * pitch + kKeys),
+        vt(with_v ? g.hkv * g.d * pitch + kKeys : 0),
+        a(g.hq * g.tk),
+        b(g.hq * g.tk),
+        run_p(with_v ? kRunRows * g.hq * g.tk : 0),
+        run_ds(with_v ? kRunRows * g.hq * g.tk : 0),
+        mask(g.tk) {}
+
+  float* RunRow(std::vector<float>& run, int64_t run_row, int64_t h, const Geometry& g) {
+    return run.data() + (run_row * g.hq + h) * width;
+  }
+
+  void ClearRun(int64_t rows, const Geometry& g) {
+    std::fill(run_p.begin(), run_p.begin() + rows * g.hq * width, 0.0f);
+    std::fill(run_ds.begin(), run_ds.begin() + rows * g.hq * width, 0.0f);
+  }
+
+  // dK[u] += Σ_{rows, heads of the group} dS · q and dV[u] += Σ P · dO for every key u of the union, summed in
+  // registers over the run's rows before one update of each key row (dk / dv point at the union's first slot).
+  template <int kD>
+  void AccumulateKeyGradients(const float* q, const float* d_out, int64_t rows, const Geometry& g, float* dk,
+                              float* dv) const {
+    const int64_t grp = g.group(), d = g.d;
+    for (int64_t u = 0; u < width; ++u) {
+      for (int64_t hk = 0; hk < g.hkv; ++hk) {
+        float* dk_row = dk + (u * g.hkv + hk) * d;
+        float* dv_row = dv + (u * g.hkv + hk) * d;
+        if constexpr (kD > 0 && kD % kLanes == 0) {
+          constexpr int kV = kD / kLanes;
+          Vec acc_k[kV] = {}, acc_v[kV] = {};
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t h = hk * grp; h < (hk + 1) * grp; ++h) {
+              const float ds = run_ds[(r * g.hq + h) * width + u], p = run_p[(r * g.hq + h) * width + u];
+              if (p == 0.0f) continue;  // outside the row's range or masked (dS = P · (dP - δ) is 0 there too)
+              const float* qh = q + (r * g.hq + h) * kD;
+              const float* doh = d_out + (r * g.hq + h) * kD;
+              for (int i = 0; i < kV; ++i) {
+                acc_k[i] += ds * LoadVec(qh + i * kLanes);
+                acc_v[i] += p * LoadVec(doh + i * kLanes);
+              }
+            }
+          for (int i = 0; i < kV; ++i) {
+            StoreVec(dk_row + i * kLanes, LoadVec(dk_row + i * kLanes) + acc_k[i]);
+            StoreVec(dv_row + i * kLanes, LoadVec(dv_row + i * kLanes) + acc_v[i]);
+          }
+        } else {
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t h = hk * grp; h < (hk + 1) * grp; ++h) {
+              Axpy<0>(dk_row, run_ds[(r * g.hq + h) * width + u], q + (r * g.hq + h) * d, d);
+              Axpy<0>(dv_row, run_p[(r * g.hq + h) * width + u], d_out + (r * g.hq + h) * d, d);
+            }
+        }
+      }
+    }
+  }
+
+  // Transposes key slots [from, to) of batch entry b into dst, whose row i (of Hkv·D) holds slot `tile_base + j` at j.
+  void Transpose(const float* src, float* dst, const Geometry& g, int64_t b, int64_t from, int64_t to) const {
+    const int64_t row = g.hkv * g.d;
+    const float* slots = src + (b * g.tk + from) * row;
+    for (int64_t i = 0; i < row; ++i)
+      for (int64_t j = 0; j < to - from; ++j) dst[i * pitch + from - tile_base + j] = slots[j * row + i];
+  }
+
+  // Load the union of rows [begin, end)'s ranges (all in batch entry b). The transposed tiles keep the slots already
+  // transposed for earlier runs of the same batch entry (runs advance through a sample, so mostly only the new
+  // keys are transposed).
+  void Load(const float* k, const float* v, const Geometry& g, int64_t b, const int32_t* first, const int32_t* last,
+            int64_t begin, int64_t end) {
+    int64_t hi = -1;
+    lo = g.tk;
+    for (int64_t row = begin; row < end; ++row) {
+      const Range r = RowRange(first, last, row, g.tk);
+      if (r.span == 0) continue;
+      lo = std::min(lo, r.lo);
+      hi = std::max(hi, r.lo + r.span - 1);
+    }
+    width = std::max<int64_t>(hi - lo + 1, 0);
+    k_src = k;
+    v_src = v;
+    batch_entry = b;
+    direct = end - begin == 1;
+    if (direct || width == 0) return;
+    int64_t from = tile_end;
+    if (b != tile_entry || lo < tile_base || tile_end <= tile_base) {  // start a new tile at lo
+      tile_entry = b;
+      tile_base = lo;
+      from = lo;
+    }
+    if (hi + 1 > from) {
+      Transpose(k, kt.data(), g, b, from, hi + 1);
+      if (!vt.empty()) Transpose(v, vt.data(), g, b, from, hi + 1);
+      tile_end = hi + 1;
+    }
+  }
+
+  // out[h, j] = scale · Σ_d x[h, d] · key[lo + offset + j, h / G, d] for j < span and every query head h (key: K, or
+  // V for dP). From the transposed tile: blocks of kKeys keys, then of 16, each held in registers across the d loop
+  // (no store-to-load chain through the output).
+  template <int kD>
+  void Scores(const float* x, bool of_values, const Geometry& g, int64_t offset, int64_t span, float scale,
+              float* out) const {
+    const int64_t d_count = kD > 0 ? kD : g.d;
+    if (direct) {  // keys in place: one dot per (key, head), the key row read once for all its query heads
+      const int64_t stride = g.hkv * d_count;
+      const float* rows = (of_values ? v_src : k_src) + (batch_entry * g.tk + lo + offset) * stride;
+      for (int64_t j = 0; j < span; ++j)
+        for (int64_t h = 0; h < g.hq; ++h)
+          out[h * span + j] = Dot<kD>(x + h * d_count, rows + j * stride + (h / g.group()) * d_count, d_count) * scale;
+      return;
+    }
+    const std::vector<float>& tile = of_values ? vt : kt;
+    for (int64_t h = 0; h < g.hq; ++h) {
+      const float* base = tile.data() + (h / g.group()) * d_count * pitch + lo + offset - tile_base;
+      const float* xh = x + h * d_count;
+      float* o = out + h * span;
+      int64_t j0 = 0;
+      for (; j0 + kKeys <= span; j0 += kKeys)
+        ScoreBlock<kKeys / kLanes>(xh, base + j0, pitch, d_count, scale, kKeys, o + j0);
+      for (; j0 < span; j0 += kLanes)
+        ScoreBlock<1>(xh, base + j0, pitch, d_count, scale, std::min<int64_t>(kLanes, span - j0), o + j0);
+    }
+  }
+
+  // o[j] = scale · Σ_d x[d] · t[d·pitch + j] for j < n ≤ kV·16, the kV·16 sums held in registers across the d
+  // loop.
+  // Lanes past n read later tile rows (or the padding) and are not stored.
+  template <int kV>
+  void ScoreBlock(const float* x, const float* t, int64_t pitch, int64_t d_count, float scale, int64_t n,
+                  float* o) const {
+    Vec acc[kV] = {};
+    for (int64_t d = 0; d < d_count; ++d) {
+      const float xd = x[d];
+      for (int i = 0; i < kV; ++i) acc[i] += xd * LoadVec(t + d * pitch + i * kLanes);
+    }
+    if (n == kV * kLanes) {
+      for (int i = 0; i < kV; ++i) StoreVec(o + i * kLanes, acc[i] * scale);
+    } else {
+      float block[kV * kLanes];
+      for (int i = 0; i < kV; ++i) StoreVec(block + i * kLanes, acc[i] * scale);
+      std::memcpy(o, block, n * sizeof(float));
+    }
+  }
+
+  // mask[j] = whether query `row` may see key slot lo_row + j (§4.3).
+  // (Allowed, written branch-free over the key arrays so that it vectorises.)
+  void Mask(const Meta& qm, const Meta& km, int64_t row, int64_t key0, int64_t span, int32_t causal, int32_t noise) {
+    const int32_t sample = qm.sample[row], split = qm.split[row], index = qm.index[row];
+    const int32_t bidirectional = qm.mode[row] != causal;
+    const int32_t *ks = km.sample + key0, *ksp = km.split + key0, *km_ = km.mode + key0, *ki = km.index + key0;
+    for (int64_t j = 0; j < span; ++j) {
+      const int32_t same_split = ksp[j] == split;
+      const int32_t visible = (ki[j] <= index) | (same_split & bidirectional);
+      const int32_t foreign_noise = (km_[j] == noise) & (1 - same_split);
+      mask[j] = static_cast<uint8_t>((ks[j] == sample) & visible & (1 - foreign_noise));
+    }
+  }
+};
+
+// Runs body(thread, first_row, end_row) with each thread on one contiguous share of rows [0, n), the shares cut so
+// that their key counts (row cost ≈ span + 16) are about equal, in runs of at most kRunRows rows. Which rows a thread
+// handles depends only on the ranges and the thread count, so per-thread sums (dK, dV) are reproducible bit for bit.
+template <class Body>
+void StaticRows(int64_t n, int threads, const int32_t* first, const int32_t* last, int64_t tk, Body body) {
+  std::vector<int64_t> cost(n + 1, 0);
+  for (int64_t row = 0; row < n; ++row) {
+    cost[row + 1] = cost[row] + RowRange(first, last, row, tk).span + 16;
+  }
+  std::vector<int64_t> bounds(threads + 1, n);
+  bounds[0] = 0;
+  for (int t = 1; t < threads; ++t)
+    bounds[t] = std::lower_bound(cost.begin(), cost.end(), cost[n] * t / threads) - cost.begin();
+  auto worker = [&](int thread) {
+    for (int64_t start = bounds[thread]; start < bounds[thread + 1]; start += Tiles::kRunRows)
+      body(thread, start, std::min(bounds[thread + 1], start + Tiles::kRunRows));
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(worker, t);
+  worker(0);
+  for (auto& th : pool) th.join();
+}
+
+// Runs body(tiles, b, begin, end) over runs of rows that share a batch entry, every run inside one task.
+template <class Body>
+void ForEachRun(const Geometry& g, std::vector<Tiles>& tiles, Body body) {
+  const int64_t rows = g.batch * g.tq;
+  ParallelRows(rows, static_cast<int>(tiles.size()), [&](int thread, int64_t begin, int64_t end) {
+    while (begin < end) {
+      const int64_t b = begin / g.tq, stop = std::min(end, (b + 1) * g.tq);
+      body(tiles[thread], b, begin, stop);
+      begin = stop;
+    }
+  });
+}
+
+template <int kD>
+ffi::Error AttentionForwardD(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                            ffi::Buffer<ffi::S32> q_sample, ffi::Buffer<ffi::S32> q_split,
+                            ffi::Buffer<ffi::S32> q_mode, ffi::Buffer<ffi::S32> q_index,
+                            ffi::Buffer<ffi::S32> k_sample, ffi::Buffer<ffi::S32> k_split,
+                            ffi::Buffer<ffi::S32> k_mode, ffi::Buffer<ffi::S32> k_index,
+                            ffi::Buffer<ffi::S32> first, ffi::Buffer<ffi::S32> last, float scale, int32_t causal,
+                            int32_t noise, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  Geometry g;
+  if (auto err = CheckGeometry(q, k, &g); err.failure()) return err;
+  const Meta qm = MetaOf(q_sample, q_split, q_mode, q_index);
+  const Meta km = MetaOf(k_sample, k_split, k_mode, k_index);
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const int32_t *fp = first.typed_data(), *lp = last.typed_data();
+  float *op = out->typed_data(), *lsep = lse->typed_data();
+  const int64_t grp = g.group(), d = g.d;
+  std::vector<Tiles> tiles(ThreadsFor(g.batch * g.tq), Tiles(g, false));
+
+  ForEachRun(g, tiles, [&](Tiles& t, int64_t b, int64_t begin, int64_t end) {
+    t.Load(kp, vp, g, b, fp, lp, begin, end);
+    for (int64_t row = begin; row < end; ++row) {
+      const Range r = RowRange(fp, lp, row, g.tk);
+      float* orow = op + row * g.hq * d;
+      std::fill(orow, orow + g.hq * d, 0.0f);
+      t.Scores<kD>(qp + row * g.hq * d, false, g, r.lo - t.lo, r.span, scale, t.a.data());
+      t.Mask(qm, km, row, b * g.tk + r.lo, r.span, causal, noise);
+      for (int64_t h = 0; h < g.hq; ++h) {
+        float* __restrict s = t.a.data() + h * r.span;
+        float m = kNegInf;
+        for (int64_t j = 0; j < r.span; ++j) {
+          s[j] = t.mask[j] ? s[j] : kNegInf;
+          m = std::max(m, s[j]);
+        }
+        if (m == kNegInf) {  // sees no key: output 0, no gradient
+          lsep[row * g.hq + h] = std::numeric_limits<float>::infinity();
+          continue;
+        }
+        float total = 0.0f;
+        for (int64_t j = 0; j < r.span; ++j) {
+          s[j] = ExpNonPositive(s[j] - m);
+          total += s[j];
+        }
+        const float* vrow = vp + ((b * g.tk + r.lo) * g.hkv + h / grp) * d;
+        WeightedSum<kD>(s, vrow, g.hkv * d, r.span, 1.0f / total, orow + h * d, d);
+        lsep[row * g.hq + h] = m + std::log(total);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+template <int kD>
+ffi::Error AttentionBackwardD(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                             ffi::Buffer<ffi::S32> q_sample, ffi::Buffer<ffi::S32> q_split,
+                             ffi::Buffer<ffi::S32> q_mode, ffi::Buffer<ffi::S32> q_index,
+                             ffi::Buffer<ffi::S32> k_sample, ffi::Buffer<ffi::S32> k_split,
+                             ffi::Buffer<ffi::S32> k_mode, ffi::Buffer<ffi::S32> k_index,
+                             ffi::Buffer<ffi::S32> first, ffi::Buffer<ffi::S32> last, ffi::Buffer<ffi::F32> lse,
+                             ffi::Buffer<ffi::F32> d_out, ffi::Buffer<ffi::F32> delta, float scale, int32_t causal,
+                             int32_t noise, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                             ffi::ResultBuffer<ffi::F32> dv) {
+  Geometry g;
+  if (auto err = CheckGeometry(q, k, &g); err.failure()) return err;
+  const Meta qm = MetaOf(q_sample, q_split, q_mode, q_index);
+  const Meta km = MetaOf(k_sample, k_split, k_mode, k_index);
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const float *lsep = lse.typed_data(), *dop = d_out.typed_data(), *deltap = delta.typed_data();
+  const int32_t *fp = first.typed_data(), *lp = last.typed_data();
+  const int64_t rows = g.batch * g.tq, grp = g.group(), d = g.d;
+  const int64_t kv_size = g.batch * g.tk * g.hkv * d;
+  std::vector<Tiles> tiles(ThreadsFor(rows), Tiles(g, true));
+  const int threads = static_cast<int>(tiles.size());
+  float* dqp = dq->typed_data();
+  std::fill(dqp, dqp + rows * g.hq * d, 0.0f);
+  // Thread 0 accumulates straight into dk / dv; the others into their own buffers, summed in afterwards in
+  // thread order (StaticRows: reproducible).
+  std::vector<std::vector<float>> dk_extra(threads - 1, std::vector<float>(kv_size, 0.0f));
+  std::vector<std::vector<float>> dv_extra(threads - 1, std::vector<float>(kv_size, 0.0f));
+  float *dk0 = dk->typed_data(), *dv0 = dv->typed_data();
+  std::fill(dk0, dk0 + kv_size, 0.0f);
+  std::fill(dv0, dv0 + kv_size, 0.0f);
+
+  StaticRows(rows, threads, fp, lp, g.tk, [&](int thread, int64_t begin, int64_t end) {
+    float* dkp = thread == 0 ? dk0 : dk_extra[thread - 1].data();
+    float* dvp = thread == 0 ? dv0 : dv_extra[thread - 1].data();
+    Tiles& t = tiles[thread];
+    while (begin < end) {
+      const int64_t b = begin / g.tq, stop = std::min(end, (b + 1) * g.tq);
+      t.Load(kp, vp, g, b, fp, lp, begin, stop);
+      t.ClearRun(stop - begin, g);
+      for (int64_t row = begin; row < stop; ++row) {
+        const Range r = RowRange(fp, lp, row, g.tk);
+        if (r.span == 0) continue;
+        const float* qrow = qp + row * g.hq * d;
+        const float* dorow = dop + row * g.hq * d;
+        float* dqrow = dqp + row * g.hq * d;
+        float* probs = t.a.data();   // scores, then P
+        float* dsc = t.b.data();     // dP, then dS
+        t.Scores<kD>(qrow, false, g, r.lo - t.lo, r.span, scale, probs);
+        t.Scores<kD>(dorow, true, g, r.lo - t.lo, r.span, 1.0f, dsc);
+        t.Mask(qm, km, row, b * g.tk + r.lo, r.span, causal, noise);
+        for (int64_t h = 0; h < g.hq; ++h) {
+          float* __restrict p = probs + h * r.span;
+          float* __restrict ds = dsc + h * r.span;
+          const float lse_h = lsep[row * g.hq + h], dlt = deltap[row * g.hq + h];
+          for (int64_t j = 0; j < r.span; ++j) {
+            const float pj = t.mask[j] ? ExpNonPositive(p[j] - lse_h) : 0.0f;
+            ds[j] = pj * (ds[j] - dlt) * scale;
+            p[j] = pj;
+          }
+        }
+        const int64_t slot0 = (b * g.tk + r.lo) * g.hkv, at = r.lo - t.lo, run_row = row - begin;
+        for (int64_t h = 0; h < g.hq; ++h) {
+          WeightedSum<kD>(dsc + h * r.span, kp + (slot0 + h / grp) * d, g.hkv * d, r.span, 1.0f, dqrow + h * d, d);
+          std::memcpy(t.RunRow(t.run_p, run_row, h, g) + at, probs + h * r.span, r.span * sizeof(float));
+          std::memcpy(t.RunRow(t.run_ds, run_row, h, g) + at, dsc + h * r.span, r.span * sizeof(float));
+        }
+      }
+      t.AccumulateKeyGradients<kD>(qp + begin * g.hq * d, dop + begin * g.hq * d, stop - begin, g,
+                                   dkp + (b * g.tk + t.lo) * g.hkv * d, dvp + (b * g.tk + t.lo) * g.hkv * d);
+      begin = stop;
+    }
+  });
+  for (auto& buf : dk_extra) for (int64_t i = 0; i < kv_size; ++i) dk0[i] += buf[i];
+  for (auto& buf : dv_extra) for (int64_t i = 0; i < kv_size; ++i) dv0[i] += buf[i];
+  return ffi::Error::Success();
+}
+
+// The kernels instantiated for the usual head dims (16, 32, 64, 128) and a runtime-D fallback.
+#define DISPATCH_HEAD_DIM(kernel, ...)                                        \
+  switch (q.dimensions().size() ? q.dimensions().back() : 0) {              \
+    case 16: return kernel<16>(__VA_ARGS__);                                \
+    case 32: return kernel<32>(__VA_ARGS__);                                \
+    case 64: return kernel<64>(__VA_ARGS__);                                \
+    case 128: return kernel<128>(__VA_ARGS__);                              \
+    default: return kernel<0>(__VA_ARGS__);                                 \
+  }
+
+ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                            ffi::Buffer<ffi::S32> q_sample, ffi::Buffer<ffi::S32> q_split,
+                            ffi::Buffer<ffi::S32> q_mode, ffi::Buffer<ffi::S32> q_index,
+                            ffi::Buffer<ffi::S32> k_sample, ffi::Buffer<ffi::S32> k_split,
+                            ffi::Buffer<ffi::S32> k_mode, ffi::Buffer<ffi::S32> k_index,
+                            ffi::Buffer<ffi::S32> first, ffi::Buffer<ffi::S32> last, float scale, int32_t causal,
+                            int32_t noise, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  DISPATCH_HEAD_DIM(AttentionForwardD, q, k, v, q_sample, q_split, q_mode, q_index, k_sample, k_split, k_mode,
+                    k_index, first, last, scale, causal, noise, out, lse)
+}
+
+ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                             ffi::Buffer<ffi::S32> q_sample, ffi::Buffer<ffi::S32> q_split,
+                             ffi::Buffer<ffi::S32> q_mode, ffi::Buffer<ffi::S32> q_index,
+                             ffi::Buffer<ffi::S32> k_sample, ffi::Buffer<ffi::S32> k_split,
+                             ffi::Buffer<ffi::S32> k_mode, ffi::Buffer<ffi::S32> k_index,
+                             ffi::Buffer<ffi::S32> first, ffi::Buffer<ffi::S32> last, ffi::Buffer<ffi::F32> lse,
+                             ffi::Buffer<ffi::F32> d_out, ffi::Buffer<ffi::F32> delta, float scale, int32_t causal,
+                             int32_t noise, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                             ffi::ResultBuffer<ffi::F32> dv) {
+  DISPATCH_HEAD_DIM(AttentionBackwardD, q, k, v, q_sample, q_split, q_mode, q_index, k_sample, k_split, k_mode,
+                    k_index, first, last, lse, d_out, delta, scale, causal, noise, dq, dk, dv)
+}
+
+}  // namespace
+
+#define META_ARGS                                                                              \
+  .Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>()      \
+      .Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>()  \
+      .Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>()  \
+      .Arg<ffi::Buffer<ffi::S32>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnimedvlAttentionForward, AttentionForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>() META_ARGS
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("causal")
+                                  .Attr<int32_t>("noise")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnimedvlAttentionBackward, AttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>() META_ARGS
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("causal")
+                                  .Attr<int32_t>("noise")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
