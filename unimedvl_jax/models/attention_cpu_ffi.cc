@@ -11,12 +11,15 @@
 // (B, Tk, Hkv, D); metadata (B, T) int32; first / last (B, Tq) int32; lse, delta (B, Tq, Hq) fp32.
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -39,15 +42,6 @@ struct Geometry {
   int64_t group() const { return hq / hkv; }
 };
 
-// docs/packed_sequence.md §4.3: same sample AND (key not after query OR same bidirectional split) AND NOT foreign
-// noise.
-inline bool Allowed(const Meta& q, int64_t qi, const Meta& k, int64_t ki, int32_t causal, int32_t noise) {
-  if (q.sample[qi] != k.sample[ki]) return false;
-  const bool same_split = q.split[qi] == k.split[ki];
-  if (k.mode[ki] == noise && !same_split) return false;
-  return k.index[ki] <= q.index[qi] || (same_split && q.mode[qi] != causal);
-}
-
 // exp(x) for x <= 0 (Cephes' single-precision polynomial, ~1 ulp), written branch-free so that loops over it
 // vectorise; -inf and anything below the float range give exactly 0.
 inline float ExpNonPositive(float x) {
@@ -68,8 +62,8 @@ inline float ExpNonPositive(float x) {
   return x < -87.0f ? 0.0f : p * scale;
 }
 
-// Dot product and y += a·x over one head's D features. kD > 0 fixes D at compile time (fully unrolled, vectorised
-// without a remainder loop); kD == 0 takes the runtime d.
+// Dot product over one head's D features. kD > 0 fixes D at compile time (fully unrolled, vectorised without a
+// remainder loop); kD == 0 takes the runtime d.
 template <int kD>
 inline float Dot(const float* __restrict a, const float* __restrict b, int64_t d) {
   const int64_t n = kD > 0 ? kD : d;
@@ -84,10 +78,9 @@ inline float Dot(const float* __restrict a, const float* __restrict b, int64_t d
   return sum;
 }
 
-template <int kD>
+// y += a·x over d features (the runtime-D fallback paths).
 inline void Axpy(float* __restrict y, float a, const float* __restrict x, int64_t d) {
-  const int64_t n = kD > 0 ? kD : d;
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+  for (int64_t i = 0; i < d; ++i) y[i] += a * x[i];
 }
 
 // 16 floats as one value (GCC / Clang vector extension): one AVX-512 register, two AVX2 ones. Accumulators of this
@@ -125,7 +118,7 @@ inline void WeightedSum(const float* w, const float* rows, int64_t stride, int64
     for (int i = 0; i < kV; ++i) StoreVec(out + i * kLanes, (even[i] + odd[i]) * scale);
   } else {
     std::fill(out, out + d, 0.0f);
-    for (int64_t j = 0; j < n; ++j) Axpy<0>(out, w[j], rows + j * stride, d);
+    for (int64_t j = 0; j < n; ++j) Axpy(out, w[j], rows + j * stride, d);
     for (int64_t i = 0; i < d; ++i) out[i] *= scale;
   }
 }
@@ -142,6 +135,15 @@ int NumThreads() {
 // Threads for n query rows: every core, but at most one per row.
 int ThreadsFor(int64_t n) { return static_cast<int>(std::min<int64_t>(NumThreads(), std::max<int64_t>(n, 1))); }
 
+// Runs worker(thread) for thread = 0 … threads - 1, thread 0 on the calling thread, and waits for all of them.
+template <class Worker>
+void RunThreads(int threads, Worker worker) {
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(worker, t);
+  worker(0);
+  for (auto& th : pool) th.join();
+}
+
 // Runs body(thread, first_row, end_row) over rows [0, n) on `threads` threads, in tasks taken from a shared counter:
 // about 8 tasks per thread (rows differ in cost), at most 16 rows each.
 template <class Body>
@@ -152,15 +154,7 @@ void ParallelRows(int64_t n, int threads, Body body) {
     for (int64_t start; (start = next.fetch_add(rows_per_task)) < n;)
       body(thread, start, std::min(n, start + rows_per_task));
   };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(worker, t);
-  worker(0);
-  for (auto& th : pool) th.join();
-}
-
-Meta MetaOf(ffi::Buffer<ffi::S32> sample, ffi::Buffer<ffi::S32> split, ffi::Buffer<ffi::S32> mode,
-            ffi::Buffer<ffi::S32> index) {
-  return {sample.typed_data(), split.typed_data(), mode.typed_data(), index.typed_data()};
+  RunThreads(threads, worker);
 }
 
 ffi::Error CheckGeometry(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, Geometry* g) {
@@ -181,6 +175,40 @@ ffi::Error CheckGeometry(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::
   g->hkv = kd[r - 2];
   if (kd[r - 1] != g->d || g->hkv == 0 || g->hq % g->hkv != 0)
     return ffi::Error::InvalidArgument("cpu_ffi attention: head dims or head counts do not match");
+  return ffi::Error::Success();
+}
+
+// One call's operands: geometry, metadata, q / k / v, key ranges and the mask constants.
+struct Call {
+  Geometry g;
+  Meta qm, km;
+  const float *q, *k, *v;
+  const int32_t *first, *last;
+  float scale;
+  int32_t causal, noise;
+};
+
+using MetaBuffers = std::array<ffi::Buffer<ffi::S32>, 4>;  // sample, split, mode, index
+
+Meta MetaOf(const MetaBuffers& m) {
+  return {m[0].typed_data(), m[1].typed_data(), m[2].typed_data(), m[3].typed_data()};
+}
+
+// The operands both entry points share, with the geometry checked.
+ffi::Error ReadCall(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
+                    const MetaBuffers& q_meta, const MetaBuffers& k_meta, const ffi::Buffer<ffi::S32>& first,
+                    const ffi::Buffer<ffi::S32>& last, float scale, int32_t causal, int32_t noise, Call* c) {
+  if (auto err = CheckGeometry(q, k, &c->g); err.failure()) return err;
+  c->qm = MetaOf(q_meta);
+  c->km = MetaOf(k_meta);
+  c->q = q.typed_data();
+  c->k = k.typed_data();
+  c->v = v.typed_data();
+  c->first = first.typed_data();
+  c->last = last.typed_data();
+  c->scale = scale;
+  c->causal = causal;
+  c->noise = noise;
   return ffi::Error::Success();
 }
 
@@ -261,8 +289,8 @@ struct Tiles {
         } else {
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t h = hk * grp; h < (hk + 1) * grp; ++h) {
-              Axpy<0>(dk_row, run_ds[(r * g.hq + h) * width + u], q + (r * g.hq + h) * d, d);
-              Axpy<0>(dv_row, run_p[(r * g.hq + h) * width + u], d_out + (r * g.hq + h) * d, d);
+              Axpy(dk_row, run_ds[(r * g.hq + h) * width + u], q + (r * g.hq + h) * d, d);
+              Axpy(dv_row, run_p[(r * g.hq + h) * width + u], d_out + (r * g.hq + h) * d, d);
             }
         }
       }
@@ -357,8 +385,8 @@ struct Tiles {
     }
   }
 
-  // mask[j] = whether query `row` may see key slot lo_row + j (§4.3).
-  // (Allowed, written branch-free over the key arrays so that it vectorises.)
+  // mask[j] = whether query `row` may see key slot key0 + j: docs/packed_sequence.md §4.3, same sample AND (key not
+  // after the query OR same bidirectional split) AND NOT foreign noise, written branch-free so that it vectorises.
   void Mask(const Meta& qm, const Meta& km, int64_t row, int64_t key0, int64_t span, int32_t causal, int32_t noise) {
     const int32_t sample = qm.sample[row], split = qm.split[row], index = qm.index[row];
     const int32_t bidirectional = qm.mode[row] != causal;
@@ -389,162 +417,147 @@ void StaticRows(int64_t n, int threads, const int32_t* first, const int32_t* las
     for (int64_t start = bounds[thread]; start < bounds[thread + 1]; start += Tiles::kRunRows)
       body(thread, start, std::min(bounds[thread + 1], start + Tiles::kRunRows));
   };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(worker, t);
-  worker(0);
-  for (auto& th : pool) th.join();
+  RunThreads(threads, worker);
 }
 
-// Runs body(tiles, b, begin, end) over runs of rows that share a batch entry, every run inside one task.
+// Calls body(b, begin, stop) for the runs of rows [begin, end) that share a batch entry b (rows of entry b are
+// b·Tq … b·Tq + Tq - 1).
 template <class Body>
-void ForEachRun(const Geometry& g, std::vector<Tiles>& tiles, Body body) {
-  const int64_t rows = g.batch * g.tq;
-  ParallelRows(rows, static_cast<int>(tiles.size()), [&](int thread, int64_t begin, int64_t end) {
-    while (begin < end) {
-      const int64_t b = begin / g.tq, stop = std::min(end, (b + 1) * g.tq);
-      body(tiles[thread], b, begin, stop);
-      begin = stop;
+void SplitByEntry(int64_t tq, int64_t begin, int64_t end, Body body) {
+  while (begin < end) {
+    const int64_t b = begin / tq, stop = std::min(end, (b + 1) * tq);
+    body(b, begin, stop);
+    begin = stop;
+  }
+}
+
+// Forward of the rows [begin, end) of batch entry b: output rows and their log-sum-exp.
+template <int kD>
+void ForwardRun(const Call& c, Tiles& t, int64_t b, int64_t begin, int64_t end, float* op, float* lsep) {
+  const Geometry& g = c.g;
+  const int64_t grp = g.group(), d = g.d;
+  t.Load(c.k, c.v, g, b, c.first, c.last, begin, end);
+  for (int64_t row = begin; row < end; ++row) {
+    const Range r = RowRange(c.first, c.last, row, g.tk);
+    float* orow = op + row * g.hq * d;
+    std::fill(orow, orow + g.hq * d, 0.0f);
+    t.Scores<kD>(c.q + row * g.hq * d, false, g, r.lo - t.lo, r.span, c.scale, t.a.data());
+    t.Mask(c.qm, c.km, row, b * g.tk + r.lo, r.span, c.causal, c.noise);
+    for (int64_t h = 0; h < g.hq; ++h) {
+      float* __restrict s = t.a.data() + h * r.span;
+      float m = kNegInf;
+      for (int64_t j = 0; j < r.span; ++j) {
+        s[j] = t.mask[j] ? s[j] : kNegInf;
+        m = std::max(m, s[j]);
+      }
+      if (m == kNegInf) {  // sees no key: output 0, no gradient
+        lsep[row * g.hq + h] = std::numeric_limits<float>::infinity();
+        continue;
+      }
+      float total = 0.0f;
+      for (int64_t j = 0; j < r.span; ++j) {
+        s[j] = ExpNonPositive(s[j] - m);
+        total += s[j];
+      }
+      const float* vrow = c.v + ((b * g.tk + r.lo) * g.hkv + h / grp) * d;
+      WeightedSum<kD>(s, vrow, g.hkv * d, r.span, 1.0f / total, orow + h * d, d);
+      lsep[row * g.hq + h] = m + std::log(total);
     }
-  });
+  }
 }
 
 template <int kD>
-ffi::Error AttentionForwardD(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                            ffi::Buffer<ffi::S32> q_sample, ffi::Buffer<ffi::S32> q_split,
-                            ffi::Buffer<ffi::S32> q_mode, ffi::Buffer<ffi::S32> q_index,
-                            ffi::Buffer<ffi::S32> k_sample, ffi::Buffer<ffi::S32> k_split,
-                            ffi::Buffer<ffi::S32> k_mode, ffi::Buffer<ffi::S32> k_index,
-                            ffi::Buffer<ffi::S32> first, ffi::Buffer<ffi::S32> last, float scale, int32_t causal,
-                            int32_t noise, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
-  Geometry g;
-  if (auto err = CheckGeometry(q, k, &g); err.failure()) return err;
-  const Meta qm = MetaOf(q_sample, q_split, q_mode, q_index);
-  const Meta km = MetaOf(k_sample, k_split, k_mode, k_index);
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
-  const int32_t *fp = first.typed_data(), *lp = last.typed_data();
-  float *op = out->typed_data(), *lsep = lse->typed_data();
-  const int64_t grp = g.group(), d = g.d;
-  std::vector<Tiles> tiles(ThreadsFor(g.batch * g.tq), Tiles(g, false));
-
-  ForEachRun(g, tiles, [&](Tiles& t, int64_t b, int64_t begin, int64_t end) {
-    t.Load(kp, vp, g, b, fp, lp, begin, end);
-    for (int64_t row = begin; row < end; ++row) {
-      const Range r = RowRange(fp, lp, row, g.tk);
-      float* orow = op + row * g.hq * d;
-      std::fill(orow, orow + g.hq * d, 0.0f);
-      t.Scores<kD>(qp + row * g.hq * d, false, g, r.lo - t.lo, r.span, scale, t.a.data());
-      t.Mask(qm, km, row, b * g.tk + r.lo, r.span, causal, noise);
-      for (int64_t h = 0; h < g.hq; ++h) {
-        float* __restrict s = t.a.data() + h * r.span;
-        float m = kNegInf;
-        for (int64_t j = 0; j < r.span; ++j) {
-          s[j] = t.mask[j] ? s[j] : kNegInf;
-          m = std::max(m, s[j]);
-        }
-        if (m == kNegInf) {  // sees no key: output 0, no gradient
-          lsep[row * g.hq + h] = std::numeric_limits<float>::infinity();
-          continue;
-        }
-        float total = 0.0f;
-        for (int64_t j = 0; j < r.span; ++j) {
-          s[j] = ExpNonPositive(s[j] - m);
-          total += s[j];
-        }
-        const float* vrow = vp + ((b * g.tk + r.lo) * g.hkv + h / grp) * d;
-        WeightedSum<kD>(s, vrow, g.hkv * d, r.span, 1.0f / total, orow + h * d, d);
-        lsep[row * g.hq + h] = m + std::log(total);
-      }
-    }
+ffi::Error AttentionForwardD(const Call& c, float* op, float* lsep) {
+  const int64_t rows = c.g.batch * c.g.tq;
+  std::vector<Tiles> tiles(ThreadsFor(rows), Tiles(c.g, false));
+  ParallelRows(rows, static_cast<int>(tiles.size()), [&](int thread, int64_t begin, int64_t end) {
+    SplitByEntry(c.g.tq, begin, end, [&](int64_t b, int64_t run_begin, int64_t run_end) {
+      ForwardRun<kD>(c, tiles[thread], b, run_begin, run_end, op, lsep);
+    });
   });
   return ffi::Error::Success();
 }
 
+// Backward of the rows [begin, end) of batch entry b: their dQ rows, and their dK / dV added into dkp / dvp (a
+// thread's own buffers).
 template <int kD>
-ffi::Error AttentionBackwardD(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                             ffi::Buffer<ffi::S32> q_sample, ffi::Buffer<ffi::S32> q_split,
-                             ffi::Buffer<ffi::S32> q_mode, ffi::Buffer<ffi::S32> q_index,
-                             ffi::Buffer<ffi::S32> k_sample, ffi::Buffer<ffi::S32> k_split,
-                             ffi::Buffer<ffi::S32> k_mode, ffi::Buffer<ffi::S32> k_index,
-                             ffi::Buffer<ffi::S32> first, ffi::Buffer<ffi::S32> last, ffi::Buffer<ffi::F32> lse,
-                             ffi::Buffer<ffi::F32> d_out, ffi::Buffer<ffi::F32> delta, float scale, int32_t causal,
-                             int32_t noise, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                             ffi::ResultBuffer<ffi::F32> dv) {
-  Geometry g;
-  if (auto err = CheckGeometry(q, k, &g); err.failure()) return err;
-  const Meta qm = MetaOf(q_sample, q_split, q_mode, q_index);
-  const Meta km = MetaOf(k_sample, k_split, k_mode, k_index);
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
-  const float *lsep = lse.typed_data(), *dop = d_out.typed_data(), *deltap = delta.typed_data();
-  const int32_t *fp = first.typed_data(), *lp = last.typed_data();
-  const int64_t rows = g.batch * g.tq, grp = g.group(), d = g.d;
+void BackwardRun(const Call& c, Tiles& t, int64_t b, int64_t begin, int64_t end, const float* lsep, const float* dop,
+                 const float* deltap, float* dqp, float* dkp, float* dvp) {
+  const Geometry& g = c.g;
+  const int64_t grp = g.group(), d = g.d;
+  t.Load(c.k, c.v, g, b, c.first, c.last, begin, end);
+  t.ClearRun(end - begin, g);
+  for (int64_t row = begin; row < end; ++row) {
+    const Range r = RowRange(c.first, c.last, row, g.tk);
+    if (r.span == 0) continue;
+    const float* qrow = c.q + row * g.hq * d;
+    const float* dorow = dop + row * g.hq * d;
+    float* dqrow = dqp + row * g.hq * d;
+    float* probs = t.a.data();   // scores, then P
+    float* dsc = t.b.data();     // dP, then dS
+    t.Scores<kD>(qrow, false, g, r.lo - t.lo, r.span, c.scale, probs);
+    t.Scores<kD>(dorow, true, g, r.lo - t.lo, r.span, 1.0f, dsc);
+    t.Mask(c.qm, c.km, row, b * g.tk + r.lo, r.span, c.causal, c.noise);
+    for (int64_t h = 0; h < g.hq; ++h) {
+      float* __restrict p = probs + h * r.span;
+      float* __restrict ds = dsc + h * r.span;
+      const float lse_h = lsep[row * g.hq + h], dlt = deltap[row * g.hq + h];
+      for (int64_t j = 0; j < r.span; ++j) {
+        const float pj = t.mask[j] ? ExpNonPositive(p[j] - lse_h) : 0.0f;
+        ds[j] = pj * (ds[j] - dlt) * c.scale;
+        p[j] = pj;
+      }
+    }
+    const int64_t slot0 = (b * g.tk + r.lo) * g.hkv, at = r.lo - t.lo, run_row = row - begin;
+    for (int64_t h = 0; h < g.hq; ++h) {
+      WeightedSum<kD>(dsc + h * r.span, c.k + (slot0 + h / grp) * d, g.hkv * d, r.span, 1.0f, dqrow + h * d, d);
+      std::memcpy(t.RunRow(t.run_p, run_row, h, g) + at, probs + h * r.span, r.span * sizeof(float));
+      std::memcpy(t.RunRow(t.run_ds, run_row, h, g) + at, dsc + h * r.span, r.span * sizeof(float));
+    }
+  }
+  t.AccumulateKeyGradients<kD>(c.q + begin * g.hq * d, dop + begin * g.hq * d, end - begin, g,
+                               dkp + (b * g.tk + t.lo) * g.hkv * d, dvp + (b * g.tk + t.lo) * g.hkv * d);
+}
+
+template <int kD>
+ffi::Error AttentionBackwardD(const Call& c, const float* lsep, const float* dop, const float* deltap, float* dqp,
+                             float* dk0, float* dv0) {
+  const Geometry& g = c.g;
+  const int64_t rows = g.batch * g.tq, d = g.d;
   const int64_t kv_size = g.batch * g.tk * g.hkv * d;
   std::vector<Tiles> tiles(ThreadsFor(rows), Tiles(g, true));
   const int threads = static_cast<int>(tiles.size());
-  float* dqp = dq->typed_data();
   std::fill(dqp, dqp + rows * g.hq * d, 0.0f);
   // Thread 0 accumulates straight into dk / dv; the others into their own buffers, summed in afterwards in
   // thread order (StaticRows: reproducible).
   std::vector<std::vector<float>> dk_extra(threads - 1, std::vector<float>(kv_size, 0.0f));
   std::vector<std::vector<float>> dv_extra(threads - 1, std::vector<float>(kv_size, 0.0f));
-  float *dk0 = dk->typed_data(), *dv0 = dv->typed_data();
   std::fill(dk0, dk0 + kv_size, 0.0f);
   std::fill(dv0, dv0 + kv_size, 0.0f);
 
-  StaticRows(rows, threads, fp, lp, g.tk, [&](int thread, int64_t begin, int64_t end) {
+  StaticRows(rows, threads, c.first, c.last, g.tk, [&](int thread, int64_t begin, int64_t end) {
     float* dkp = thread == 0 ? dk0 : dk_extra[thread - 1].data();
     float* dvp = thread == 0 ? dv0 : dv_extra[thread - 1].data();
-    Tiles& t = tiles[thread];
-    while (begin < end) {
-      const int64_t b = begin / g.tq, stop = std::min(end, (b + 1) * g.tq);
-      t.Load(kp, vp, g, b, fp, lp, begin, stop);
-      t.ClearRun(stop - begin, g);
-      for (int64_t row = begin; row < stop; ++row) {
-        const Range r = RowRange(fp, lp, row, g.tk);
-        if (r.span == 0) continue;
-        const float* qrow = qp + row * g.hq * d;
-        const float* dorow = dop + row * g.hq * d;
-        float* dqrow = dqp + row * g.hq * d;
-        float* probs = t.a.data();   // scores, then P
-        float* dsc = t.b.data();     // dP, then dS
-        t.Scores<kD>(qrow, false, g, r.lo - t.lo, r.span, scale, probs);
-        t.Scores<kD>(dorow, true, g, r.lo - t.lo, r.span, 1.0f, dsc);
-        t.Mask(qm, km, row, b * g.tk + r.lo, r.span, causal, noise);
-        for (int64_t h = 0; h < g.hq; ++h) {
-          float* __restrict p = probs + h * r.span;
-          float* __restrict ds = dsc + h * r.span;
-          const float lse_h = lsep[row * g.hq + h], dlt = deltap[row * g.hq + h];
-          for (int64_t j = 0; j < r.span; ++j) {
-            const float pj = t.mask[j] ? ExpNonPositive(p[j] - lse_h) : 0.0f;
-            ds[j] = pj * (ds[j] - dlt) * scale;
-            p[j] = pj;
-          }
-        }
-        const int64_t slot0 = (b * g.tk + r.lo) * g.hkv, at = r.lo - t.lo, run_row = row - begin;
-        for (int64_t h = 0; h < g.hq; ++h) {
-          WeightedSum<kD>(dsc + h * r.span, kp + (slot0 + h / grp) * d, g.hkv * d, r.span, 1.0f, dqrow + h * d, d);
-          std::memcpy(t.RunRow(t.run_p, run_row, h, g) + at, probs + h * r.span, r.span * sizeof(float));
-          std::memcpy(t.RunRow(t.run_ds, run_row, h, g) + at, dsc + h * r.span, r.span * sizeof(float));
-        }
-      }
-      t.AccumulateKeyGradients<kD>(qp + begin * g.hq * d, dop + begin * g.hq * d, stop - begin, g,
-                                   dkp + (b * g.tk + t.lo) * g.hkv * d, dvp + (b * g.tk + t.lo) * g.hkv * d);
-      begin = stop;
-    }
+    SplitByEntry(g.tq, begin, end, [&](int64_t b, int64_t run_begin, int64_t run_end) {
+      BackwardRun<kD>(c, tiles[thread], b, run_begin, run_end, lsep, dop, deltap, dqp, dkp, dvp);
+    });
   });
   for (auto& buf : dk_extra) for (int64_t i = 0; i < kv_size; ++i) dk0[i] += buf[i];
   for (auto& buf : dv_extra) for (int64_t i = 0; i < kv_size; ++i) dv0[i] += buf[i];
   return ffi::Error::Success();
 }
 
-// The kernels instantiated for the usual head dims (16, 32, 64, 128) and a runtime-D fallback.
-#define DISPATCH_HEAD_DIM(kernel, ...)                                        \
-  switch (q.dimensions().size() ? q.dimensions().back() : 0) {              \
-    case 16: return kernel<16>(__VA_ARGS__);                                \
-    case 32: return kernel<32>(__VA_ARGS__);                                \
-    case 64: return kernel<64>(__VA_ARGS__);                                \
-    case 128: return kernel<128>(__VA_ARGS__);                              \
-    default: return kernel<0>(__VA_ARGS__);                                 \
+// Runs kernel(std::integral_constant<int, D>) for the usual head dims D (16, 32, 64, 128), else with D = 0 (runtime).
+template <class Kernel>
+ffi::Error DispatchHeadDim(int64_t d, Kernel kernel) {
+  switch (d) {
+    case 16: return kernel(std::integral_constant<int, 16>{});
+    case 32: return kernel(std::integral_constant<int, 32>{});
+    case 64: return kernel(std::integral_constant<int, 64>{});
+    case 128: return kernel(std::integral_constant<int, 128>{});
+    default: return kernel(std::integral_constant<int, 0>{});
   }
+}
 
 ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                             ffi::Buffer<ffi::S32> q_sample, ffi::Buffer<ffi::S32> q_split,
@@ -553,8 +566,14 @@ ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ff
                             ffi::Buffer<ffi::S32> k_mode, ffi::Buffer<ffi::S32> k_index,
                             ffi::Buffer<ffi::S32> first, ffi::Buffer<ffi::S32> last, float scale, int32_t causal,
                             int32_t noise, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
-  DISPATCH_HEAD_DIM(AttentionForwardD, q, k, v, q_sample, q_split, q_mode, q_index, k_sample, k_split, k_mode,
-                    k_index, first, last, scale, causal, noise, out, lse)
+  Call c;
+  if (auto err = ReadCall(q, k, v, {q_sample, q_split, q_mode, q_index}, {k_sample, k_split, k_mode, k_index}, first,
+                          last, scale, causal, noise, &c);
+      err.failure())
+    return err;
+  return DispatchHeadDim(c.g.d, [&](auto head_dim) {
+    return AttentionForwardD<decltype(head_dim)::value>(c, out->typed_data(), lse->typed_data());
+  });
 }
 
 ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
@@ -566,8 +585,15 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, f
                              ffi::Buffer<ffi::F32> d_out, ffi::Buffer<ffi::F32> delta, float scale, int32_t causal,
                              int32_t noise, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                              ffi::ResultBuffer<ffi::F32> dv) {
-  DISPATCH_HEAD_DIM(AttentionBackwardD, q, k, v, q_sample, q_split, q_mode, q_index, k_sample, k_split, k_mode,
-                    k_index, first, last, lse, d_out, delta, scale, causal, noise, dq, dk, dv)
+  Call c;
+  if (auto err = ReadCall(q, k, v, {q_sample, q_split, q_mode, q_index}, {k_sample, k_split, k_mode, k_index}, first,
+                          last, scale, causal, noise, &c);
+      err.failure())
+    return err;
+  return DispatchHeadDim(c.g.d, [&](auto head_dim) {
+    return AttentionBackwardD<decltype(head_dim)::value>(c, lse.typed_data(), d_out.typed_data(), delta.typed_data(),
+                                                         dq->typed_data(), dk->typed_data(), dv->typed_data());
+  });
 }
 
 }  // namespace

@@ -78,10 +78,9 @@ def _compile(compiler: str) -> Path:
     return library
 
 
-@functools.cache
-def _load() -> None:
-    """Compile (or find) the kernel and register its two FFI targets with XLA's CPU backend, once per process."""
-    if platform.system() != "Linux" and platform.system() != "Darwin":
+def _build_and_register() -> None:
+    """Compile (or find) the kernel and register its two FFI targets with XLA's CPU backend."""
+    if platform.system() not in ("Linux", "Darwin"):
         raise KernelUnavailable(f"unsupported system {platform.system()}")
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
@@ -93,23 +92,25 @@ def _load() -> None:
 
 
 @functools.cache
+def _load() -> None:
+    """_build_and_register once per process; any failure (compiler missing or failing, library not loadable) is
+    raised as KernelUnavailable (an explicit `cpu_ffi` backend has no fallback)."""
+    try:
+        _build_and_register()
+    except (OSError, subprocess.SubprocessError) as err:
+        raise KernelUnavailable(str(err)) from err
+
+
+@functools.cache
 def available() -> bool:
     """Whether the kernel is usable in this process (compiles it on the first call); warns once with the reason if
     not."""
     try:
         _load()
         return True
-    except (KernelUnavailable, OSError, subprocess.SubprocessError) as err:
+    except KernelUnavailable as err:
         warnings.warn(f"CPU attention kernel unavailable, using 'blocksparse' instead: {err}", stacklevel=2)
         return False
-
-
-def _require() -> None:
-    """Load the kernel or raise KernelUnavailable (an explicit `cpu_ffi` backend has no fallback)."""
-    try:
-        _load()
-    except (OSError, subprocess.SubprocessError) as err:
-        raise KernelUnavailable(str(err)) from err
 
 
 def _meta_args(meta: TokenMeta):
@@ -148,7 +149,7 @@ _attend.defvjp(_forward, _backward)
 def cpu_ffi_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, scale: float):
     """Softmax attention of q (Tq, Hq, D) over k, v (Tk, Hkv, D) under the §4.3 mask, each query visiting only the key
     slots it may see (same preconditions as blocksparse: contiguous samples and splits, key slot = index)."""
-    _require()
+    _load()
     ranges = tuple(r.astype(jnp.int32) for r in key_ranges(q_meta, k_meta))
     metas = _meta_args(q_meta) + _meta_args(k_meta)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
