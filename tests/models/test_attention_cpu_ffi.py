@@ -39,3 +39,25 @@ def test_without_a_compiler_auto_falls_back_to_blocksparse_with_a_warning(tmp_pa
     backend, warnings = probe(tmp_path, CXX="/bin/false")
     assert backend == "blocksparse"
     assert "CPU attention kernel unavailable" in warnings and "/bin/false" in warnings
+
+
+EXPLICIT = """
+import jax.numpy as jnp
+from unimedvl_jax.errors import is_user_error
+from unimedvl_jax.models.attention import packed_attention, segment_meta
+from unimedvl_jax.models.attention_cpu_ffi import KernelUnavailable
+meta = segment_meta(jnp.zeros(4, jnp.int32))
+x = jnp.ones((4, 2, 8))
+try:
+    packed_attention(x, x, x, meta, meta, backend="cpu_ffi")
+except KernelUnavailable as err:
+    print("USER_ERROR", is_user_error(err), str(err).splitlines()[0])
+"""
+
+
+def test_explicit_cpu_ffi_without_a_compiler_is_a_user_error(tmp_path):
+    """Asking for `cpu_ffi` where it cannot be built has no fallback: a user error (one CLI line) naming the cause."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", UNIMEDVL_JAX_CACHE=str(tmp_path), CXX="/bin/false")
+    result = subprocess.run([sys.executable, "-c", EXPLICIT], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "USER_ERROR True cpu_ffi attention:" in result.stdout and "/bin/false" in result.stdout

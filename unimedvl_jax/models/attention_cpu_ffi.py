@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from unimedvl_jax.errors import UserError
 from unimedvl_jax.models.attention_mask import TokenMeta, key_ranges
 from unimedvl_jax.packed_batch import CAUSAL, NOISE
 
@@ -39,8 +40,9 @@ TARGETS = {"forward": "UnimedvlAttentionForward", "backward": "UnimedvlAttention
 COMPILE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-pthread")
 
 
-class KernelUnavailable(RuntimeError):
-    """The CPU attention kernel could not be compiled or loaded here (the message says why)."""
+class KernelUnavailable(UserError):
+    """The CPU attention kernel could not be compiled or loaded here (the message says why). A user error: asking for
+    `cpu_ffi` on a machine without a working C++ compiler is a configuration to change (or use `auto`)."""
 
 
 def _cpu_flags() -> str:
@@ -73,7 +75,7 @@ def _compile(compiler: str) -> Path:
         cmd = [compiler, *COMPILE_FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(built)]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            raise KernelUnavailable(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
+            raise KernelUnavailable(f"cpu_ffi attention: {' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
         os.replace(built, library)  # atomic: concurrent first uses never load a half-written file
     return library
 
@@ -81,10 +83,10 @@ def _compile(compiler: str) -> Path:
 def _build_and_register() -> None:
     """Compile (or find) the kernel and register its two FFI targets with XLA's CPU backend."""
     if platform.system() not in ("Linux", "Darwin"):
-        raise KernelUnavailable(f"unsupported system {platform.system()}")
+        raise KernelUnavailable(f"cpu_ffi attention: unsupported system {platform.system()}")
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
-        raise KernelUnavailable("no C++ compiler found (set CXX, or install g++)")
+        raise KernelUnavailable("cpu_ffi attention: no C++ compiler found (set CXX, or install g++)")
     library = ctypes.cdll.LoadLibrary(str(_compile(compiler)))
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(f"unimedvl_attention_{target}", jax.ffi.pycapsule(getattr(library, symbol)),
@@ -98,7 +100,7 @@ def _load() -> None:
     try:
         _build_and_register()
     except (OSError, subprocess.SubprocessError) as err:
-        raise KernelUnavailable(str(err)) from err
+        raise KernelUnavailable(f"cpu_ffi attention: {err}") from err
 
 
 @functools.cache
