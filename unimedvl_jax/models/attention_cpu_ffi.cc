@@ -4,7 +4,7 @@
 // tests the §4.3 mask per (query, key) pair, so the cost follows the allowed pairs (Σ sample_len²), with no block
 // rounding and no score tiles in memory. Forward: scores of one row, softmax, P·V, and the row's log-sum-exp.
 // Backward: the flash-attention recurrences per row (P recomputed from the log-sum-exp), dK / dV summed over runs of
-// rows into per-thread buffers added up at the end, so threads never write the same slot (docs/packed_sequence.md
+// rows into per-share buffers added up at the end, so threads never write the same slot (docs/packed_sequence.md
 // §4.7 has the layout of the work).
 //
 // Layouts (row-major, any leading batch dims flattened to B): q, out, d_out, dq (B, Tq, Hq, D); k, v, dk, dv
@@ -13,13 +13,16 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -96,6 +99,48 @@ inline Vec LoadVec(const float* p) {
 
 inline void StoreVec(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 
+// Horizontal sums of 16 vectors at once: a, b each hold K keys × P partial sums (lane = key · P + p); Fold<P>
+// returns a's keys then b's, each with its P partials added pairwise down to P / 2. Four folds (P = 16, 8, 4, 2) turn
+// 16 per-key vectors into one vector of the 16 keys' totals in key order: 45 shuffles and adds for 16 dot products,
+// where one horizontal sum per key costs 8.
+constexpr int FoldIndex(int p, int half, int i) {
+  return (i < 8 ? 0 : kLanes) + (i % 8) / (p / 2) * p + i % (p / 2) + half;
+}
+
+template <int kP, int kHalf, int... kI>
+inline Vec FoldPick(Vec a, Vec b, std::integer_sequence<int, kI...>) {
+  return __builtin_shufflevector(a, b, FoldIndex(kP, kHalf, kI)...);
+}
+
+template <int kP>
+inline Vec Fold(Vec a, Vec b) {
+  constexpr auto lanes = std::make_integer_sequence<int, kLanes>{};
+  return FoldPick<kP, 0>(a, b, lanes) + FoldPick<kP, kP / 2>(a, b, lanes);
+}
+
+// Σ_lanes of each of v[0 … 15], as one vector (lane j = the sum of v[j]).
+inline Vec SumEach16(Vec* v) {
+  for (int i = 0; i < 8; ++i) v[i] = Fold<16>(v[2 * i], v[2 * i + 1]);
+  for (int i = 0; i < 4; ++i) v[i] = Fold<8>(v[2 * i], v[2 * i + 1]);
+  for (int i = 0; i < 2; ++i) v[i] = Fold<4>(v[2 * i], v[2 * i + 1]);
+  return Fold<2>(v[0], v[1]);
+}
+
+// o[j] = scale · x · rows[j · stride : j · stride + kD] for 16 consecutive rows (keys read in place, kD % 16 == 0).
+template <int kD>
+inline void Dot16(const float* x, const float* rows, int64_t stride, float scale, float* o) {
+  constexpr int kV = kD / kLanes;
+  Vec xv[kV], per_key[kLanes];
+  for (int i = 0; i < kV; ++i) xv[i] = LoadVec(x + i * kLanes);
+  for (int j = 0; j < kLanes; ++j) {
+    const float* row = rows + j * stride;
+    Vec acc = xv[0] * LoadVec(row);
+    for (int i = 1; i < kV; ++i) acc += xv[i] * LoadVec(row + i * kLanes);
+    per_key[j] = acc;
+  }
+  StoreVec(o, SumEach16(per_key) * scale);
+}
+
 // out = scale · Σ_j w[j] · rows[j·stride : j·stride + D], accumulated in registers (two interleaved partial sums
 // hide the FMA latency); kD == 0 (runtime d) accumulates in `out`.
 template <int kD>
@@ -123,38 +168,90 @@ inline void WeightedSum(const float* w, const float* rows, int64_t stride, int64
   }
 }
 
-int NumThreads() {
-  static const int n = [] {
-    const char* env = std::getenv("UNIMEDVL_CPU_ATTENTION_THREADS");
-    int v = env ? std::atoi(env) : static_cast<int>(std::thread::hardware_concurrency());
-    return std::max(1, v);
-  }();
-  return n;
+// max_j x[j] and Σ_j x[j] over n values, in vector lanes (a scalar loop cannot be vectorised: float max and sum
+// are not reassociated without -ffast-math).
+inline float MaxOf(const float* x, int64_t n) {
+  Vec acc = kNegInf - Vec{};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const Vec v = LoadVec(x + j);
+    acc = v > acc ? v : acc;
+  }
+  float m = kNegInf;
+  for (int i = 0; i < kLanes; ++i) m = std::max(m, acc[i]);
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
 }
 
-// Threads for n query rows: every core, but at most one per row.
-int ThreadsFor(int64_t n) { return static_cast<int>(std::min<int64_t>(NumThreads(), std::max<int64_t>(n, 1))); }
-
-// Runs worker(thread) for thread = 0 … threads - 1, thread 0 on the calling thread, and waits for all of them.
-template <class Worker>
-void RunThreads(int threads, Worker worker) {
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(worker, t);
-  worker(0);
-  for (auto& th : pool) th.join();
+inline float SumOf(const float* x, int64_t n) {
+  Vec acc = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) acc += LoadVec(x + j);
+  float total = 0.0f;
+  for (int i = 0; i < kLanes; ++i) total += acc[i];
+  for (; j < n; ++j) total += x[j];
+  return total;
 }
 
-// Runs body(thread, first_row, end_row) over rows [0, n) on `threads` threads, in tasks taken from a shared counter:
-// about 8 tasks per thread (rows differ in cost), at most 16 rows each.
-template <class Body>
-void ParallelRows(int64_t n, int threads, Body body) {
-  const int64_t rows_per_task = std::clamp<int64_t>(n / (8 * threads), 1, 16);
-  std::atomic<int64_t> next{0};
-  auto worker = [&](int thread) {
-    for (int64_t start; (start = next.fetch_add(rows_per_task)) < n;)
-      body(thread, start, std::min(n, start + rows_per_task));
+// out[h] = scale[h] · Σ_j w[h · w_stride + j] · rows[j · stride + offset[h] : … + kD] for kHeads heads at once,
+// so that each row of V (or K) is read once for all of them, not once per head (kD % 16 == 0, kHeads · kD / 16 ≤
+// 16 accumulators).
+template <int kD, int kHeads>
+inline void WeightedSumHeads(const float* w, int64_t w_stride, const float* rows, const int64_t* offset,
+                             int64_t stride, int64_t n, const float* scale, float* const* out) {
+  constexpr int kV = kD / kLanes;
+  Vec acc[kHeads][kV] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const float* row = rows + j * stride;
+    for (int h = 0; h < kHeads; ++h) {
+      const float wj = w[h * w_stride + j];
+      for (int i = 0; i < kV; ++i) acc[h][i] += wj * LoadVec(row + offset[h] + i * kLanes);
+    }
+  }
+  for (int h = 0; h < kHeads; ++h)
+    for (int i = 0; i < kV; ++i) StoreVec(out[h] + i * kLanes, acc[h][i] * scale[h]);
+}
+
+// Runs work(worker, unit) for unit = 0 … units - 1, each once, on the calling thread and up to threads - 1 tasks of
+// XLA's CPU compute pool (the pool the rest of the program runs on, so the kernel neither starts threads nor competes
+// with idle pool threads for the cores). `worker` < threads numbers the threads that took part (for per-thread work
+// space). Units are claimed from a counter and the caller takes them too, so it only waits for units already being
+// worked on: no deadlock when the pool is busy or smaller than asked, and a task that starts after the last unit
+// was claimed does nothing (it only touches the shared counters, which it keeps alive).
+template <class Work>
+void RunUnits(ffi::ThreadPool& pool, int threads, int64_t units, Work work) {
+  struct Progress {
+    std::atomic<int64_t> next{0}, done{0};
+    std::atomic<int> workers{0};
+    std::mutex mu;
+    std::condition_variable all_done;
   };
-  RunThreads(threads, worker);
+  auto progress = std::make_shared<Progress>();
+  auto take_units = [progress, units, &work] {
+    int worker = -1;
+    for (int64_t unit; (unit = progress->next.fetch_add(1)) < units;) {
+      if (worker < 0) worker = progress->workers.fetch_add(1);
+      work(worker, unit);
+      if (progress->done.fetch_add(1) + 1 == units) {
+        std::lock_guard<std::mutex> lock(progress->mu);
+        progress->all_done.notify_all();
+      }
+    }
+  };
+  for (int t = 1; t < std::min<int64_t>(threads, units); ++t) pool.Schedule(decltype(take_units)(take_units));
+  take_units();
+  std::unique_lock<std::mutex> lock(progress->mu);
+  progress->all_done.wait(lock, [&] { return progress->done.load() == units; });
+}
+
+// Runs body(worker, first_row, end_row) over rows [0, n) in tasks of about 1/8 of a thread's share (rows differ in
+// cost), at most 16 rows each.
+template <class Body>
+void ParallelRows(ffi::ThreadPool& pool, int64_t n, int threads, Body body) {
+  const int64_t rows_per_task = std::clamp<int64_t>(n / (8 * threads), 1, 16);
+  RunUnits(pool, threads, (n + rows_per_task - 1) / rows_per_task, [&](int worker, int64_t task) {
+    body(worker, task * rows_per_task, std::min(n, (task + 1) * rows_per_task));
+  });
 }
 
 ffi::Error CheckGeometry(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, Geometry* g) {
@@ -222,32 +319,63 @@ inline Range RowRange(const int32_t* first, const int32_t* last, int64_t row, in
   return {lo, std::max<int64_t>(hi - lo + 1, 0)};
 }
 
+// Threads for a call: the threads of XLA's CPU compute pool (or $UNIMEDVL_CPU_ATTENTION_THREADS), but no more than
+// one per kMinPairs (query head, key) pairs of work: below that, waking a pool thread costs more than it saves (a
+// decoding step's rows over a short context).
+int ThreadsFor(const ffi::ThreadPool& pool, const Call& c) {
+  constexpr int64_t kMinPairs = 32 * 1024;
+  static const int configured = [] {
+    const char* env = std::getenv("UNIMEDVL_CPU_ATTENTION_THREADS");
+    return env ? std::max(1, std::atoi(env)) : 0;
+  }();
+  const int64_t rows = c.g.batch * c.g.tq;
+  int64_t keys = 0;
+  for (int64_t row = 0; row < rows; ++row) keys += RowRange(c.first, c.last, row, c.g.tk).span;
+  const int64_t threads = configured > 0 ? configured : std::max<int64_t>(pool.num_threads(), 1);
+  return static_cast<int>(std::clamp<int64_t>(keys * c.g.hq / kMinPairs, 1, std::min(threads, rows)));
+}
+
+// Grows v to at least n elements (never shrinks: work space is reused from call to call).
+template <class T>
+void AtLeast(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+}
+
 // Per-thread work space for a run of query rows of one batch entry: the union of their key ranges, K (and V) of
 // those slots transposed to (Hkv, D, U) so that one row's scores against consecutive keys are vector FMAs (no
-// horizontal sums), the row's mask over its range, and two (Hq, span) score buffers.
+// horizontal sums), the row's mask over its range, two (Hq, span) score buffers, and in the backward the thread's
+// own dK / dV sums. Reused across calls (TilesPool), so a steady state allocates and pages in nothing; Prepare sizes
+// it for a call.
 struct Tiles {
   static constexpr int64_t kKeys = 64;  // keys per register block in Scores
   static constexpr int64_t kRunRows = 16;  // rows per run (StaticRows' chunk)
-  // Tile row pitch: Tk + 16, not a power of two (with a 2^k stride the d loop's loads collide in the cache). Declared
-  // before the buffers sized by it.
-  int64_t pitch;
+  // Tile row pitch: Tk + 16, not a power of two (with a 2^k stride the d loop's loads collide in the cache).
+  int64_t pitch = 0;
   std::vector<float> kt, vt, a, b;
   std::vector<float> run_p, run_ds;  // backward: P and dS of the run's rows over the union, (row, Hq, U)
+  std::vector<float> dk_sum, dv_sum;  // backward: this thread's dK / dV (B, Tk, Hkv, D), when not the outputs
+  std::vector<float> ones;  // backward: a scale of 1 per query head
   std::vector<uint8_t> mask;
   int64_t lo = 0, width = 0, batch_entry = 0;  // the run's union of key ranges: [lo, lo + width)
   int64_t tile_entry = -1, tile_base = 0, tile_end = 0;  // kt / vt hold slots [tile_base, tile_end) of tile_entry
   const float *k_src = nullptr, *v_src = nullptr;
+  bool with_v = false;  // backward: V is transposed too
   bool direct = false;  // one row: read K / V in place (transposing would cost as much as the row itself)
 
-  Tiles(const Geometry& g, bool with_v)
-      : pitch(g.tk + kLanes),
-        kt(g.hkv * g.d * pitch + kKeys),
-        vt(with_v ? g.hkv * g.d * pitch + kKeys : 0),
-        a(g.hq * g.tk),
-        b(g.hq * g.tk),
-        run_p(with_v ? kRunRows * g.hq * g.tk : 0),
-        run_ds(with_v ? kRunRows * g.hq * g.tk : 0),
-        mask(g.tk) {}
+  void Prepare(const Geometry& g, bool backward) {
+    pitch = g.tk + kLanes;
+    with_v = backward;
+    tile_entry = -1;
+    tile_base = tile_end = 0;
+    AtLeast(a, g.hq * g.tk);
+    AtLeast(b, g.hq * g.tk);
+    AtLeast(mask, g.tk);
+    if (backward) {
+      ones.assign(g.hq, 1.0f);
+      AtLeast(run_p, kRunRows * g.hq * g.tk);
+      AtLeast(run_ds, kRunRows * g.hq * g.tk);
+    }
+  }
 
   float* RunRow(std::vector<float>& run, int64_t run_row, int64_t h, const Geometry& g) {
     return run.data() + (run_row * g.hq + h) * width;
@@ -324,6 +452,9 @@ struct Tiles {
     batch_entry = b;
     direct = end - begin == 1;
     if (direct || width == 0) return;
+    const int64_t tile_size = g.hkv * g.d * pitch + kKeys;
+    AtLeast(kt, tile_size);
+    if (with_v) AtLeast(vt, tile_size);
     int64_t from = tile_end;
     if (b != tile_entry || lo < tile_base || tile_end <= tile_base) {  // start a new tile at lo
       tile_entry = b;
@@ -332,7 +463,7 @@ struct Tiles {
     }
     if (hi + 1 > from) {
       Transpose(k, kt.data(), g, b, from, hi + 1);
-      if (!vt.empty()) Transpose(v, vt.data(), g, b, from, hi + 1);
+      if (with_v) Transpose(v, vt.data(), g, b, from, hi + 1);
       tile_end = hi + 1;
     }
   }
@@ -347,9 +478,15 @@ struct Tiles {
     if (direct) {  // keys in place: one dot per (key, head), the key row read once for all its query heads
       const int64_t stride = g.hkv * d_count;
       const float* rows = (of_values ? v_src : k_src) + (batch_entry * g.tk + lo + offset) * stride;
-      for (int64_t j = 0; j < span; ++j)
-        for (int64_t h = 0; h < g.hq; ++h)
-          out[h * span + j] = Dot<kD>(x + h * d_count, rows + j * stride + (h / g.group()) * d_count, d_count) * scale;
+      for (int64_t h = 0; h < g.hq; ++h) {
+        const float* xh = x + h * d_count;
+        const float* head_rows = rows + (h / g.group()) * d_count;
+        int64_t j = 0;
+        if constexpr (kD > 0 && kD % kLanes == 0)
+          for (; j + kLanes <= span; j += kLanes)
+            Dot16<kD>(xh, head_rows + j * stride, stride, scale, out + h * span + j);
+        for (; j < span; ++j) out[h * span + j] = Dot<kD>(xh, head_rows + j * stride, d_count) * scale;
+      }
       return;
     }
     const std::vector<float>& tile = of_values ? vt : kt;
@@ -400,25 +537,59 @@ struct Tiles {
   }
 };
 
-// Runs body(thread, first_row, end_row) with each thread on one contiguous share of rows [0, n), the shares cut so
-// that their key counts (row cost ≈ span + 16) are about equal, in runs of at most kRunRows rows. Which rows a thread
-// handles depends only on the ranges and the thread count, so per-thread sums (dK, dV) are reproducible bit for bit.
+// Runs body(share, first_row, end_row) over `shares` contiguous shares of rows [0, n), cut so that their key counts
+// (row cost ≈ span + 16) are about equal, each share in runs of at most kRunRows rows and on one thread. Which rows a
+// share holds depends only on the ranges and the share count, so per-share sums (dK, dV) are reproducible bit for
+// bit, whichever thread works on a share.
 template <class Body>
-void StaticRows(int64_t n, int threads, const int32_t* first, const int32_t* last, int64_t tk, Body body) {
+void StaticRows(ffi::ThreadPool& pool, int64_t n, int shares, const int32_t* first, const int32_t* last, int64_t tk,
+                Body body) {
   std::vector<int64_t> cost(n + 1, 0);
   for (int64_t row = 0; row < n; ++row) {
     cost[row + 1] = cost[row] + RowRange(first, last, row, tk).span + 16;
   }
-  std::vector<int64_t> bounds(threads + 1, n);
+  std::vector<int64_t> bounds(shares + 1, n);
   bounds[0] = 0;
-  for (int t = 1; t < threads; ++t)
-    bounds[t] = std::lower_bound(cost.begin(), cost.end(), cost[n] * t / threads) - cost.begin();
-  auto worker = [&](int thread) {
-    for (int64_t start = bounds[thread]; start < bounds[thread + 1]; start += Tiles::kRunRows)
-      body(thread, start, std::min(bounds[thread + 1], start + Tiles::kRunRows));
-  };
-  RunThreads(threads, worker);
+  for (int t = 1; t < shares; ++t)
+    bounds[t] = std::lower_bound(cost.begin(), cost.end(), cost[n] * t / shares) - cost.begin();
+  RunUnits(pool, shares, shares, [&](int, int64_t share) {
+    for (int64_t start = bounds[share]; start < bounds[share + 1]; start += Tiles::kRunRows)
+      body(share, start, std::min(bounds[share + 1], start + Tiles::kRunRows));
+  });
 }
+
+// The Tiles of one call, taken from a process-wide free list and returned to it when the call ends.
+class CallTiles {
+ public:
+  CallTiles(int count, const Geometry& g, bool backward) {
+    {
+      std::lock_guard<std::mutex> lock(Mutex());
+      while (static_cast<int>(tiles_.size()) < count && !Free().empty()) {
+        tiles_.push_back(std::move(Free().back()));
+        Free().pop_back();
+      }
+    }
+    while (static_cast<int>(tiles_.size()) < count) tiles_.push_back(std::make_unique<Tiles>());
+    for (auto& t : tiles_) t->Prepare(g, backward);
+  }
+  ~CallTiles() {
+    std::lock_guard<std::mutex> lock(Mutex());
+    for (auto& t : tiles_) Free().push_back(std::move(t));
+  }
+  Tiles& operator[](int i) { return *tiles_[i]; }
+  int size() const { return static_cast<int>(tiles_.size()); }
+
+ private:
+  static std::mutex& Mutex() {
+    static std::mutex mu;
+    return mu;
+  }
+  static std::vector<std::unique_ptr<Tiles>>& Free() {
+    static auto* free = new std::vector<std::unique_ptr<Tiles>>();  // never destroyed: calls may run at exit
+    return *free;
+  }
+  std::vector<std::unique_ptr<Tiles>> tiles_;
+};
 
 // Calls body(b, begin, stop) for the runs of rows [begin, end) that share a batch entry b (rows of entry b are
 // b·Tq … b·Tq + Tq - 1).
@@ -431,11 +602,41 @@ void SplitByEntry(int64_t tq, int64_t begin, int64_t end, Body body) {
   }
 }
 
+// out[h] = scale[h] · Σ_j w[h · span + j] · rows[j, h / G] for every query head h over the span's rows of V or K
+// (read in place, (span, Hkv, D)), in chunks of heads that read each row once (WeightedSumHeads), or head by head
+// for a runtime D.
+template <int kD>
+void WeightedRowsOfHeads(const float* w, int64_t span, const float* rows, const Geometry& g, const float* scale,
+                         float* out) {
+  const int64_t stride = g.hkv * g.d;
+  if constexpr (kD > 0 && kD % kLanes == 0) {
+    constexpr int kChunk = std::max(1, std::min(4, kLanes / (kD / kLanes)));
+    int64_t h = 0;
+    int64_t offset[kChunk];
+    float* outs[kChunk];
+    for (; h + kChunk <= g.hq; h += kChunk) {
+      for (int i = 0; i < kChunk; ++i) {
+        offset[i] = (h + i) / g.group() * kD;
+        outs[i] = out + (h + i) * kD;
+      }
+      WeightedSumHeads<kD, kChunk>(w + h * span, span, rows, offset, stride, span, scale + h, outs);
+    }
+    for (; h < g.hq; ++h) {
+      offset[0] = h / g.group() * kD;
+      outs[0] = out + h * kD;
+      WeightedSumHeads<kD, 1>(w + h * span, span, rows, offset, stride, span, scale + h, outs);
+    }
+  } else {
+    for (int64_t h = 0; h < g.hq; ++h)
+      WeightedSum<kD>(w + h * span, rows + h / g.group() * g.d, stride, span, scale[h], out + h * g.d, g.d);
+  }
+}
+
 // Forward of the rows [begin, end) of batch entry b: output rows and their log-sum-exp.
 template <int kD>
 void ForwardRun(const Call& c, Tiles& t, int64_t b, int64_t begin, int64_t end, float* op, float* lsep) {
   const Geometry& g = c.g;
-  const int64_t grp = g.group(), d = g.d;
+  const int64_t d = g.d;
   t.Load(c.k, c.v, g, b, c.first, c.last, begin, end);
   for (int64_t row = begin; row < end; ++row) {
     const Range r = RowRange(c.first, c.last, row, g.tk);
@@ -443,34 +644,32 @@ void ForwardRun(const Call& c, Tiles& t, int64_t b, int64_t begin, int64_t end, 
     std::fill(orow, orow + g.hq * d, 0.0f);
     t.Scores<kD>(c.q + row * g.hq * d, false, g, r.lo - t.lo, r.span, c.scale, t.a.data());
     t.Mask(c.qm, c.km, row, b * g.tk + r.lo, r.span, c.causal, c.noise);
+    float* inv_total = t.b.data();  // per head: 1 / Σ exp, 0 where the row sees no key
     for (int64_t h = 0; h < g.hq; ++h) {
       float* __restrict s = t.a.data() + h * r.span;
-      float m = kNegInf;
-      for (int64_t j = 0; j < r.span; ++j) {
-        s[j] = t.mask[j] ? s[j] : kNegInf;
-        m = std::max(m, s[j]);
-      }
+      for (int64_t j = 0; j < r.span; ++j) s[j] = t.mask[j] ? s[j] : kNegInf;
+      const float m = MaxOf(s, r.span);
       if (m == kNegInf) {  // sees no key: output 0, no gradient
+        std::fill(s, s + r.span, 0.0f);
+        inv_total[h] = 0.0f;
         lsep[row * g.hq + h] = std::numeric_limits<float>::infinity();
         continue;
       }
-      float total = 0.0f;
-      for (int64_t j = 0; j < r.span; ++j) {
-        s[j] = ExpNonPositive(s[j] - m);
-        total += s[j];
-      }
-      const float* vrow = c.v + ((b * g.tk + r.lo) * g.hkv + h / grp) * d;
-      WeightedSum<kD>(s, vrow, g.hkv * d, r.span, 1.0f / total, orow + h * d, d);
+      for (int64_t j = 0; j < r.span; ++j) s[j] = ExpNonPositive(s[j] - m);
+      const float total = SumOf(s, r.span);
+      inv_total[h] = 1.0f / total;
       lsep[row * g.hq + h] = m + std::log(total);
     }
+    const float* vrows = c.v + (b * g.tk + r.lo) * g.hkv * d;
+    WeightedRowsOfHeads<kD>(t.a.data(), r.span, vrows, g, inv_total, orow);
   }
 }
 
 template <int kD>
-ffi::Error AttentionForwardD(const Call& c, float* op, float* lsep) {
+ffi::Error AttentionForwardD(ffi::ThreadPool& pool, const Call& c, float* op, float* lsep) {
   const int64_t rows = c.g.batch * c.g.tq;
-  std::vector<Tiles> tiles(ThreadsFor(rows), Tiles(c.g, false));
-  ParallelRows(rows, static_cast<int>(tiles.size()), [&](int thread, int64_t begin, int64_t end) {
+  CallTiles tiles(ThreadsFor(pool, c), c.g, false);
+  ParallelRows(pool, rows, tiles.size(), [&](int thread, int64_t begin, int64_t end) {
     SplitByEntry(c.g.tq, begin, end, [&](int64_t b, int64_t run_begin, int64_t run_end) {
       ForwardRun<kD>(c, tiles[thread], b, run_begin, run_end, op, lsep);
     });
@@ -484,7 +683,7 @@ template <int kD>
 void BackwardRun(const Call& c, Tiles& t, int64_t b, int64_t begin, int64_t end, const float* lsep, const float* dop,
                  const float* deltap, float* dqp, float* dkp, float* dvp) {
   const Geometry& g = c.g;
-  const int64_t grp = g.group(), d = g.d;
+  const int64_t d = g.d;
   t.Load(c.k, c.v, g, b, c.first, c.last, begin, end);
   t.ClearRun(end - begin, g);
   for (int64_t row = begin; row < end; ++row) {
@@ -508,9 +707,9 @@ void BackwardRun(const Call& c, Tiles& t, int64_t b, int64_t begin, int64_t end,
         p[j] = pj;
       }
     }
-    const int64_t slot0 = (b * g.tk + r.lo) * g.hkv, at = r.lo - t.lo, run_row = row - begin;
+    const int64_t at = r.lo - t.lo, run_row = row - begin;
+    WeightedRowsOfHeads<kD>(dsc, r.span, c.k + (b * g.tk + r.lo) * g.hkv * d, g, t.ones.data(), dqrow);
     for (int64_t h = 0; h < g.hq; ++h) {
-      WeightedSum<kD>(dsc + h * r.span, c.k + (slot0 + h / grp) * d, g.hkv * d, r.span, 1.0f, dqrow + h * d, d);
       std::memcpy(t.RunRow(t.run_p, run_row, h, g) + at, probs + h * r.span, r.span * sizeof(float));
       std::memcpy(t.RunRow(t.run_ds, run_row, h, g) + at, dsc + h * r.span, r.span * sizeof(float));
     }
@@ -520,30 +719,37 @@ void BackwardRun(const Call& c, Tiles& t, int64_t b, int64_t begin, int64_t end,
 }
 
 template <int kD>
-ffi::Error AttentionBackwardD(const Call& c, const float* lsep, const float* dop, const float* deltap, float* dqp,
-                             float* dk0, float* dv0) {
+ffi::Error AttentionBackwardD(ffi::ThreadPool& pool, const Call& c, const float* lsep, const float* dop,
+                             const float* deltap, float* dqp, float* dk0, float* dv0) {
   const Geometry& g = c.g;
   const int64_t rows = g.batch * g.tq, d = g.d;
   const int64_t kv_size = g.batch * g.tk * g.hkv * d;
-  std::vector<Tiles> tiles(ThreadsFor(rows), Tiles(g, true));
-  const int threads = static_cast<int>(tiles.size());
+  CallTiles tiles(ThreadsFor(pool, c), g, true);
+  const int shares = tiles.size();
   std::fill(dqp, dqp + rows * g.hq * d, 0.0f);
-  // Thread 0 accumulates straight into dk / dv; the others into their own buffers, summed in afterwards in
-  // thread order (StaticRows: reproducible).
-  std::vector<std::vector<float>> dk_extra(threads - 1, std::vector<float>(kv_size, 0.0f));
-  std::vector<std::vector<float>> dv_extra(threads - 1, std::vector<float>(kv_size, 0.0f));
   std::fill(dk0, dk0 + kv_size, 0.0f);
   std::fill(dv0, dv0 + kv_size, 0.0f);
-
-  StaticRows(rows, threads, c.first, c.last, g.tk, [&](int thread, int64_t begin, int64_t end) {
-    float* dkp = thread == 0 ? dk0 : dk_extra[thread - 1].data();
-    float* dvp = thread == 0 ? dv0 : dv_extra[thread - 1].data();
+  // Share 0 accumulates straight into dk / dv, the others into their Tiles' sums, added in afterwards in share order
+  // (StaticRows: reproducible).
+  for (int share = 1; share < shares; ++share) {
+    for (auto* sum : {&tiles[share].dk_sum, &tiles[share].dv_sum}) {
+      AtLeast(*sum, kv_size);
+      std::fill(sum->begin(), sum->begin() + kv_size, 0.0f);
+    }
+  }
+  StaticRows(pool, rows, shares, c.first, c.last, g.tk, [&](int share, int64_t begin, int64_t end) {
+    Tiles& t = tiles[share];
+    float* dkp = share == 0 ? dk0 : t.dk_sum.data();
+    float* dvp = share == 0 ? dv0 : t.dv_sum.data();
     SplitByEntry(g.tq, begin, end, [&](int64_t b, int64_t run_begin, int64_t run_end) {
-      BackwardRun<kD>(c, tiles[thread], b, run_begin, run_end, lsep, dop, deltap, dqp, dkp, dvp);
+      BackwardRun<kD>(c, t, b, run_begin, run_end, lsep, dop, deltap, dqp, dkp, dvp);
     });
   });
-  for (auto& buf : dk_extra) for (int64_t i = 0; i < kv_size; ++i) dk0[i] += buf[i];
-  for (auto& buf : dv_extra) for (int64_t i = 0; i < kv_size; ++i) dv0[i] += buf[i];
+  for (int share = 1; share < shares; ++share) {
+    const float *dk_sum = tiles[share].dk_sum.data(), *dv_sum = tiles[share].dv_sum.data();
+    for (int64_t i = 0; i < kv_size; ++i) dk0[i] += dk_sum[i];
+    for (int64_t i = 0; i < kv_size; ++i) dv0[i] += dv_sum[i];
+  }
   return ffi::Error::Success();
 }
 
@@ -559,7 +765,8 @@ ffi::Error DispatchHeadDim(int64_t d, Kernel kernel) {
   }
 }
 
-ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> v,
                             ffi::Buffer<ffi::S32> q_sample, ffi::Buffer<ffi::S32> q_split,
                             ffi::Buffer<ffi::S32> q_mode, ffi::Buffer<ffi::S32> q_index,
                             ffi::Buffer<ffi::S32> k_sample, ffi::Buffer<ffi::S32> k_split,
@@ -572,11 +779,12 @@ ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ff
       err.failure())
     return err;
   return DispatchHeadDim(c.g.d, [&](auto head_dim) {
-    return AttentionForwardD<decltype(head_dim)::value>(c, out->typed_data(), lse->typed_data());
+    return AttentionForwardD<decltype(head_dim)::value>(pool, c, out->typed_data(), lse->typed_data());
   });
 }
 
-ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                             ffi::Buffer<ffi::F32> v,
                              ffi::Buffer<ffi::S32> q_sample, ffi::Buffer<ffi::S32> q_split,
                              ffi::Buffer<ffi::S32> q_mode, ffi::Buffer<ffi::S32> q_index,
                              ffi::Buffer<ffi::S32> k_sample, ffi::Buffer<ffi::S32> k_split,
@@ -591,8 +799,9 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, f
       err.failure())
     return err;
   return DispatchHeadDim(c.g.d, [&](auto head_dim) {
-    return AttentionBackwardD<decltype(head_dim)::value>(c, lse.typed_data(), d_out.typed_data(), delta.typed_data(),
-                                                         dq->typed_data(), dk->typed_data(), dv->typed_data());
+    return AttentionBackwardD<decltype(head_dim)::value>(pool, c, lse.typed_data(), d_out.typed_data(),
+                                                         delta.typed_data(), dq->typed_data(), dk->typed_data(),
+                                                         dv->typed_data());
   });
 }
 
@@ -606,6 +815,7 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, f
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnimedvlAttentionForward, AttentionForward,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>() META_ARGS
@@ -617,6 +827,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(UnimedvlAttentionForward, AttentionForward,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnimedvlAttentionBackward, AttentionBackward,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>() META_ARGS

@@ -6,8 +6,8 @@ the jaxlib version, the compiler and this CPU's instruction-set flags, and regis
 only the key slots its metadata allows ([first, last] from `key_ranges`, the §4.3 mask tested per pair), so the cost
 follows the allowed pairs with no block rounding, and a decode row reads its cache in place. Forward and backward are
 two custom calls tied by a `jax.custom_vjp` (flash-attention recurrences: the forward keeps the log-sum-exp). The
-kernel computes in fp32; other input dtypes are cast in and the output cast back. Rows run on
-`UNIMEDVL_CPU_ATTENTION_THREADS` threads (default: every core).
+kernel computes in fp32; other input dtypes are cast in and the output cast back. Rows run as tasks on XLA's CPU
+compute pool (at most `UNIMEDVL_CPU_ATTENTION_THREADS` threads when set; fewer for small calls).
 
 `available()` says whether the kernel compiled; when it did not (no compiler, unsupported platform) `auto` falls back
 to `blocksparse` with a one-time warning naming the reason.
