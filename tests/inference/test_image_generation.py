@@ -308,7 +308,9 @@ def test_unit_scales_equal_unguided_sampling(official_model, official_tokenizer,
     for kwargs in (dict(cfg_text_scale=1.0, cfg_img_scale=1.0), dict(cfg_text_scale=1.0, cfg_img_scale=2.0),
                    dict(cfg_text_scale=3.0, cfg_img_scale=1.5, cfg_interval=(1.0, 1.0))):
         out = generate_image(official_model, contexts, (48, 64), **kwargs, **common)
-        assert np.array_equal(np.asarray(out), unguided), kwargs
+        # Two separately compiled programs (the sampler loop vs step-by-step calls): XLA may fuse their reductions
+        # differently, so they agree to rounding, not bit for bit; the guided run below differs by > 0.1.
+        np.testing.assert_allclose(np.asarray(out), unguided, rtol=1e-5, atol=1e-5, err_msg=str(kwargs))
     guided = generate_image(official_model, contexts, (48, 64), cfg_text_scale=3.0, cfg_img_scale=1.5, **common)
     assert max_diff(guided, unguided) > 0.1  # the comparison above is sensitive to guidance
     rng = np.random.default_rng(1)

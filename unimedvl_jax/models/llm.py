@@ -26,7 +26,7 @@ from unimedvl_jax.models.layers import (
     param_keys,
     rope_cos_sin,
 )
-from unimedvl_jax.models.routing import apply_experts, gather_tokens, scatter_tokens
+from unimedvl_jax.models.routing import apply_experts, route, unroute
 from unimedvl_jax.sharding import RESIDUAL, constrain
 
 GEN_SUFFIX = "_moe_gen"
@@ -88,7 +88,7 @@ class PackedAttention(nnx.Module):
         """
         length = meta.length
         qkv = [self.project_qkv(e, xe) for e, xe in enumerate(x_normed_per_expert)]
-        q, k, v = (scatter_tokens([t[i] for t in qkv], expert_indexes, length) for i in range(3))
+        q, k, v = (unroute([t[i] for t in qkv], expert_indexes, length) for i in range(3))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = constrain(q, ("act_block_length", "act_heads", None))
         k, v = (constrain(t, ("act_block_length", "act_kv_heads", None)) for t in (k, v))
@@ -101,8 +101,7 @@ class PackedAttention(nnx.Module):
         out = packed_attention(q, keys.astype(q.dtype), values.astype(q.dtype), meta, key_meta, backend=backend,
                                block_size=block_size)
         out = remat.tag(out.reshape(length, self.num_heads * self.head_dim), remat.ATTENTION_OUT)
-        outs = [o(gather_tokens(out, idx)) for o, idx in zip(_experts(self, "o_proj", self.num_experts),
-                                                             expert_indexes)]
+        outs = [o(t) for o, t in zip(_experts(self, "o_proj", self.num_experts), route(out, expert_indexes))]
         return outs, (keys, values)
 
 
@@ -131,18 +130,18 @@ class DecoderLayer(nnx.Module):
         attn_indexes = expert_indexes if self.attn_experts == 2 else [None]
         mlp_indexes = expert_indexes if self.mlp_experts == 2 else [None]
         x = constrain(x, RESIDUAL)  # residual stream and expert token buffers: (act_length, act_embed)
-        xs = [constrain(gather_tokens(x, idx), RESIDUAL) for idx in attn_indexes]
+        xs = [constrain(xe, RESIDUAL) for xe in route(x, attn_indexes)]
         normed = [n(xe) for n, xe in zip(_experts(self, "input_layernorm", self.attn_experts), xs)]
         attn, kv = self.self_attn(normed, attn_indexes, cos, sin, meta, backend=backend, block_size=block_size,
                                   past=past)
-        h = constrain(scatter_tokens([xe + a for xe, a in zip(xs, attn)], attn_indexes, x.shape[0]), RESIDUAL)
+        h = constrain(unroute([xe + a for xe, a in zip(xs, attn)], attn_indexes, x.shape[0]), RESIDUAL)
         if self.attn_experts == self.mlp_experts:
             # MoT: norm2 and MLP use the same expert split as attention.
-            hs = [constrain(gather_tokens(h, idx), RESIDUAL) for idx in mlp_indexes]
+            hs = [constrain(he, RESIDUAL) for he in route(h, mlp_indexes)]
             outs = [he + mlp(n(he)) for he, n, mlp in zip(
                 hs, _experts(self, "post_attention_layernorm", self.attn_experts),
                 _experts(self, "mlp", self.mlp_experts))]
-            return constrain(scatter_tokens(outs, mlp_indexes, x.shape[0]), RESIDUAL), kv
+            return constrain(unroute(outs, mlp_indexes, x.shape[0]), RESIDUAL), kv
         # dense (1 expert everywhere) never reaches here; MoE: shared norm2, split MLP.
         z = self.post_attention_layernorm(h)
         mlps = _experts(self, "mlp", self.mlp_experts)
