@@ -107,9 +107,16 @@ constexpr int FoldIndex(int p, int half, int i) {
   return (i < 8 ? 0 : kLanes) + (i % 8) / (p / 2) * p + i % (p / 2) + half;
 }
 
+// Lanes FoldIndex(kP, kHalf, i) of (a, b) for i = 0 … 15 (index ≥ 16: lane of b): Clang and GCC ≥ 12 have
+// __builtin_shufflevector, older GCC its own __builtin_shuffle with a mask vector.
 template <int kP, int kHalf, int... kI>
 inline Vec FoldPick(Vec a, Vec b, std::integer_sequence<int, kI...>) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12 && !defined(UNIMEDVL_TEST_OLD_SHUFFLE))
   return __builtin_shufflevector(a, b, FoldIndex(kP, kHalf, kI)...);
+#else
+  typedef int32_t Lanes __attribute__((vector_size(64)));
+  return __builtin_shuffle(a, b, Lanes{FoldIndex(kP, kHalf, kI)...});
+#endif
 }
 
 template <int kP>
