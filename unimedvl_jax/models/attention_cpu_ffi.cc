@@ -647,8 +647,7 @@ void ForwardRun(const Call& c, Tiles& t, int64_t b, int64_t begin, int64_t end, 
   t.Load(c.k, c.v, g, b, c.first, c.last, begin, end);
   for (int64_t row = begin; row < end; ++row) {
     const Range r = RowRange(c.first, c.last, row, g.tk);
-    float* orow = op + row * g.hq * d;
-    std::fill(orow, orow + g.hq * d, 0.0f);
+    float* orow = op + row * g.hq * d;  // every head's row is stored below (zeros where it sees no key)
     t.Scores<kD>(c.q + row * g.hq * d, false, g, r.lo - t.lo, r.span, c.scale, t.a.data());
     t.Mask(c.qm, c.km, row, b * g.tk + r.lo, r.span, c.causal, c.noise);
     float* inv_total = t.b.data();  // per head: 1 / Σ exp, 0 where the row sees no key
@@ -772,6 +771,17 @@ ffi::Error DispatchHeadDim(int64_t d, Kernel kernel) {
   }
 }
 
+// Reads and checks the operands both entry points share, then runs kernel(head_dim, call) with D fixed at compile
+// time where it is one of the usual head dims (DispatchHeadDim).
+template <class Kernel>
+ffi::Error WithCall(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
+                    const MetaBuffers& q_meta, const MetaBuffers& k_meta, const ffi::Buffer<ffi::S32>& first,
+                    const ffi::Buffer<ffi::S32>& last, float scale, int32_t causal, int32_t noise, Kernel kernel) {
+  Call c;
+  if (auto err = ReadCall(q, k, v, q_meta, k_meta, first, last, scale, causal, noise, &c); err.failure()) return err;
+  return DispatchHeadDim(c.g.d, [&](auto head_dim) { return kernel(head_dim, c); });
+}
+
 ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                             ffi::Buffer<ffi::F32> v,
                             ffi::Buffer<ffi::S32> q_sample, ffi::Buffer<ffi::S32> q_split,
@@ -780,14 +790,10 @@ ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
                             ffi::Buffer<ffi::S32> k_mode, ffi::Buffer<ffi::S32> k_index,
                             ffi::Buffer<ffi::S32> first, ffi::Buffer<ffi::S32> last, float scale, int32_t causal,
                             int32_t noise, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
-  Call c;
-  if (auto err = ReadCall(q, k, v, {q_sample, q_split, q_mode, q_index}, {k_sample, k_split, k_mode, k_index}, first,
-                          last, scale, causal, noise, &c);
-      err.failure())
-    return err;
-  return DispatchHeadDim(c.g.d, [&](auto head_dim) {
-    return AttentionForwardD<decltype(head_dim)::value>(pool, c, out->typed_data(), lse->typed_data());
-  });
+  return WithCall(q, k, v, {q_sample, q_split, q_mode, q_index}, {k_sample, k_split, k_mode, k_index}, first, last,
+                  scale, causal, noise, [&](auto head_dim, const Call& c) {
+                    return AttentionForwardD<decltype(head_dim)::value>(pool, c, out->typed_data(), lse->typed_data());
+                  });
 }
 
 ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -800,16 +806,12 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
                              ffi::Buffer<ffi::F32> d_out, ffi::Buffer<ffi::F32> delta, float scale, int32_t causal,
                              int32_t noise, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                              ffi::ResultBuffer<ffi::F32> dv) {
-  Call c;
-  if (auto err = ReadCall(q, k, v, {q_sample, q_split, q_mode, q_index}, {k_sample, k_split, k_mode, k_index}, first,
-                          last, scale, causal, noise, &c);
-      err.failure())
-    return err;
-  return DispatchHeadDim(c.g.d, [&](auto head_dim) {
-    return AttentionBackwardD<decltype(head_dim)::value>(pool, c, lse.typed_data(), d_out.typed_data(),
-                                                         delta.typed_data(), dq->typed_data(), dk->typed_data(),
-                                                         dv->typed_data());
-  });
+  return WithCall(q, k, v, {q_sample, q_split, q_mode, q_index}, {k_sample, k_split, k_mode, k_index}, first, last,
+                  scale, causal, noise, [&](auto head_dim, const Call& c) {
+                    return AttentionBackwardD<decltype(head_dim)::value>(
+                        pool, c, lse.typed_data(), d_out.typed_data(), delta.typed_data(), dq->typed_data(),
+                        dk->typed_data(), dv->typed_data());
+                  });
 }
 
 }  // namespace
