@@ -151,3 +151,27 @@ def test_decode_step_updates_the_cache_in_place(model):
     assert stats.alias_size_in_bytes >= 2 * len(cache.keys) * layer
     if model.cfg.attention_backend == "blocksparse":
         assert stats.temp_size_in_bytes < layer / 4, (stats.temp_size_in_bytes, layer)
+
+
+def test_chunks_run_only_the_experts_their_tokens_use(model):
+    """expert_capacities sizes each MoT expert to the chunk's tokens: a text chunk skips the gen expert, an image
+    chunk runs the und expert on its markers and padding only; the hidden states equal those of n slots per expert,
+    and both compile to fewer FLOPs."""
+    ctx = prefill(model, [list(range(20))])
+    structure, params = kv_cache.split_model(model)
+    n = 24
+    embeds = jax.random.normal(jax.random.key(1), (n, model.cfg.llm.hidden_size))
+    positions = jnp.full((n,), ctx.rope, jnp.int32)
+    text = np.full(n, TEXT, np.int32)
+    image = np.asarray([TEXT] + [VAE] * (n - 4) + [TEXT] * 3, np.int32)  # the last two are chunk padding
+    assert kv_cache.expert_capacities(text) == (n, 0)
+    assert kv_cache.expert_capacities(image) == (4, n - 4)
+    flops = {}
+    for name, kinds, mode in (("text", text, CAUSAL), ("image", image, FULL)):
+        args = (structure, params, ctx.cache, embeds, jnp.asarray(kinds), positions, jnp.int32(mode), jnp.int32(n - 2))
+        sized = kv_cache.expert_capacities(kinds)
+        (_, want), (_, got) = (kv_cache.chunk_step(*args, capacities=c) for c in (None, sized))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5, err_msg=name)
+        flops[name] = [kv_cache.chunk_step.lower(*args, capacities=c).compile().cost_analysis()["flops"]
+                       for c in (None, sized)]
+    assert all(sized < 0.75 * full for full, sized in flops.values()), flops

@@ -50,7 +50,7 @@ class Context:
         embeds = jnp.concatenate([embeds, jnp.zeros((pad, embeds.shape[1]), embeds.dtype)])
         kinds = np.concatenate([np.asarray(kinds, np.int32), np.full(pad, TEXT, np.int32)])
         positions = np.concatenate([np.asarray(positions, np.int32), np.zeros(pad, np.int32)])
-        cache, hidden = append(self.model, self.cache, embeds, jnp.asarray(kinds), jnp.asarray(positions),
+        cache, hidden = append(self.model, self.cache, embeds, kinds, jnp.asarray(positions),
                                jnp.int32(mode), jnp.int32(n), advance_cache=advance)
         new = dataclasses.replace(self, cache=cache, kv_len=self.kv_len + (n if advance else 0), rope=rope_after)
         return new, hidden[:n]

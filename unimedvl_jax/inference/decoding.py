@@ -46,7 +46,7 @@ def decode_step(structure: ModelStructure, params, cache: KVCache, tokens, posit
     def row(cache, token, position, is_active):
         cache, hidden = run_chunk(lm, cache, lm.embed(token[None]), jnp.full((1,), TEXT, jnp.int32), position[None],
                                   CAUSAL, is_active.astype(jnp.int32), backend=structure.backend,
-                                  block_size=structure.block_size)
+                                  block_size=structure.block_size, capacities=(1, 0))
         return cache, lm.logits(hidden[0])
 
     cache, logits = jax.vmap(row)(cache, tokens, positions, active)

@@ -60,7 +60,7 @@ def _velocity(model, x, t, position_ids, caches, ropes, text_scale, img_scale, r
     n = embeds.shape[0]
 
     def branch(cache, rope):
-        _, hidden = append_chunk(model, cache, embeds, jnp.asarray(kinds), jnp.full((n,), rope, jnp.int32),
+        _, hidden = append_chunk(model, cache, embeds, kinds, jnp.full((n,), rope, jnp.int32),
                                  FULL, n, advance_cache=False)
         return model.llm2vae(hidden[1:-1])
 

@@ -18,6 +18,7 @@ import weakref
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from unimedvl_jax.models.attention import TokenMeta
@@ -89,23 +90,33 @@ def bucket(n: int, minimum: int = 16) -> int:
     return size
 
 
+def expert_capacities(kinds) -> tuple[int, int]:
+    """(und, gen) MoT expert capacities of a chunk, from its token kinds on the host: an expert no token uses gets
+    none, so its projections are not computed at all (a text chunk or a decode step runs the und expert only)."""
+    kinds = np.asarray(kinds)
+    gen = int(np.count_nonzero(kinds == VAE))
+    return kinds.shape[0] - gen, gen
+
+
 def run_chunk(lm, cache: KVCache, embeds, kinds, positions, mode, n_valid, *, backend: str, block_size: int,
-              advance_cache: bool = True):
+              advance_cache: bool = True, capacities: tuple[int, int] | None = None):
     """Run the language model `lm` on one chunk (n padded tokens, the first n_valid real) against the cache.
 
     kinds: token kinds (TEXT/VIT markers use the und expert, VAE latents the gen expert); positions: rope ids;
-    mode: split mode of the chunk (one split). Returns (new cache, in the form of `cache`, and the hidden states of
-    the chunk after the final norms). With advance_cache=False the cache is returned unchanged (the `generate image`
+    mode: split mode of the chunk (one split). capacities: expert_capacities of the kinds when they are known on the
+    host (None: n slots for each expert). Returns (new cache, in the form of `cache`, and the hidden states of the
+    chunk after the final norms). With advance_cache=False the cache is returned unchanged (the `generate image`
     query, docs/inference.md §5.1) and the chunk is written into a copy with n more slots, so it never runs past the
     end.
     """
     n = embeds.shape[0]
+    und_capacity, gen_capacity = (n, n) if capacities is None else capacities
     start = cache.length
     real = jnp.arange(n) < n_valid
     meta = TokenMeta(jnp.where(real, 0, PAD_SAMPLE).astype(jnp.int32), jnp.full((n,), cache.next_split, jnp.int32),
                      jnp.full((n,), mode, jnp.int32), (start + jnp.arange(n)).astype(jnp.int32))
-    und = jnp.nonzero(real & (kinds != VAE), size=n, fill_value=n)[0].astype(jnp.int32)
-    gen = jnp.nonzero(real & (kinds == VAE), size=n, fill_value=n)[0].astype(jnp.int32)
+    und = jnp.nonzero(real & (kinds != VAE), size=und_capacity, fill_value=n)[0].astype(jnp.int32)
+    gen = jnp.nonzero(real & (kinds == VAE), size=gen_capacity, fill_value=n)[0].astype(jnp.int32)
     work = cache if advance_cache else grow(layered(cache), n)
     # Pad slots keep the chunk's split id, so the split stays one run (a later chunk overwrites them).
     slots = jax.tree.map(lambda old, new: jax.lax.dynamic_update_slice(old, new, (start,)), work.meta, meta)
@@ -120,10 +131,10 @@ def run_chunk(lm, cache: KVCache, embeds, kinds, positions, mode, n_valid, *, ba
 
 
 def append_chunk(model, cache: KVCache, embeds, kinds, positions, mode, n_valid, *, advance_cache: bool = True):
-    """run_chunk with the UniMedVL model's language model and attention settings (not jitted)."""
-    return run_chunk(model.language_model, cache, embeds, kinds, positions, mode, n_valid,
+    """run_chunk with the UniMedVL model's language model and attention settings (not jitted); kinds: a host array."""
+    return run_chunk(model.language_model, cache, embeds, jnp.asarray(kinds), positions, mode, n_valid,
                      backend=model.cfg.attention_backend, block_size=model.cfg.attention_block_size,
-                     advance_cache=advance_cache)
+                     advance_cache=advance_cache, capacities=expert_capacities(kinds))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -174,15 +185,18 @@ def split_model(model, module=None):
     return structures[settings], [v.get_value() for v in variables]
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("advance_cache",))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("advance_cache", "capacities"))
 def chunk_step(structure: ModelStructure, params, cache: KVCache, embeds, kinds, positions, mode, n_valid, *,
-               advance_cache: bool = True):
-    """run_chunk on a split language model; compiles once per (chunk bucket, cache size, advance_cache)."""
+               advance_cache: bool = True, capacities: tuple[int, int] | None = None):
+    """run_chunk on a split language model; compiles once per (chunk bucket, expert capacities, cache size,
+    advance_cache)."""
     return run_chunk(structure.merge(params), cache, embeds, kinds, positions, mode, n_valid,
-                     backend=structure.backend, block_size=structure.block_size, advance_cache=advance_cache)
+                     backend=structure.backend, block_size=structure.block_size, advance_cache=advance_cache,
+                     capacities=capacities)
 
 
 def append(model, cache: KVCache, embeds, kinds, positions, mode, n_valid, *, advance_cache: bool = True):
-    """append_chunk, jitted (chunk_step over the model's cached split)."""
+    """append_chunk, jitted (chunk_step over the model's cached split); kinds: a host array."""
     structure, params = split_model(model)
-    return chunk_step(structure, params, cache, embeds, kinds, positions, mode, n_valid, advance_cache=advance_cache)
+    return chunk_step(structure, params, cache, embeds, jnp.asarray(kinds), positions, mode, n_valid,
+                      advance_cache=advance_cache, capacities=expert_capacities(kinds))
