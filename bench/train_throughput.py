@@ -235,7 +235,8 @@ def markdown(rows, header: dict) -> str:
              f"first call); capacities (what the packs need, rounded up to a multiple of {CAPACITY_MULTIPLE}):"]
     for length, caps in header["capacities"].items():
         lines.append(f"  T={length}: " + ", ".join(f"{k} {v}" for k, v in caps.items()))
-    lines.append(f"Host load average at the end: {header['load_average']:.1f} on {os.cpu_count()} CPUs.")
+    lines.append(f"Host load average at the end: {header['load_average']:.1f} on {os.cpu_count()} CPUs; "
+                 f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}.")
     lines.append("TFLOP/s are per device: model = real tokens, one MoT expert each, attention over the mask's "
                  "allowed pairs; capacity = linear FLOPs of the static buffers the step runs; MaxText = causal-"
                  "halved T²/2 attention. Official = the PyTorch code on 2 CPU cores (fp32, configs/small.py).")

@@ -9,7 +9,8 @@ its own GPUs), joined through unimedvl_jax.distributed's explicit UNIMEDVL_* var
 A command that starts with a flag is given to the trainer (`python -m unimedvl_jax.train_cli`). Each process
 gets UNIMEDVL_COORDINATOR_ADDRESS=127.0.0.1:<port>, UNIMEDVL_NUM_PROCESSES, UNIMEDVL_PROCESS_ID,
 UNIMEDVL_INIT_TIMEOUT and, with --platform cpu (default), JAX_PLATFORMS=cpu and
-XLA_FLAGS=--xla_force_host_platform_device_count=<d>; with --platform gpu, UNIMEDVL_LOCAL_DEVICE_IDS=<its d GPUs>.
+XLA_FLAGS=--xla_force_host_platform_device_count=<d> and GLIBC_TUNABLES with glibc.malloc.hugetlb=1 (unless set);
+with --platform gpu, UNIMEDVL_LOCAL_DEVICE_IDS=<its d GPUs>.
 Output lines are prefixed with [p<i>] (and copied to <log_dir>/process_<i>.log with --log_dir). When a process
 fails, the others get --grace seconds and are then terminated. SIGTERM / SIGINT to this launcher is forwarded
 to every process (a preemption: the trainer saves a checkpoint and exits 0). Exit status: the first non-zero
@@ -28,12 +29,22 @@ import threading
 import time
 
 TRAINER = [sys.executable, "-m", "unimedvl_jax.train_cli"]
+# XLA:CPU allocates each execution's temporary buffer afresh (one mmap the size of the step's activations) and every
+# page of it faults on first touch; glibc then backs it with transparent huge pages (README, "CPU host memory").
+HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def with_huge_page_malloc(tunables: str) -> str:
+    """GLIBC_TUNABLES plus huge-page-backed malloc, unless it already sets glibc.malloc.hugetlb."""
+    if "glibc.malloc.hugetlb" in tunables:
+        return tunables
+    return ":".join(t for t in (tunables, HUGE_PAGE_MALLOC) if t)
 
 
 def process_env(base: dict, *, index: int, count: int, port: int, devices: int, platform: str,
@@ -47,7 +58,8 @@ def process_env(base: dict, *, index: int, count: int, port: int, devices: int, 
         flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(
             "--xla_force_host_platform_device_count")]
         env.update(JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]))
+                   XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
+                   GLIBC_TUNABLES=with_huge_page_malloc(env.get("GLIBC_TUNABLES", "")))
         env.pop("UNIMEDVL_LOCAL_DEVICE_IDS", None)
     else:
         env["UNIMEDVL_LOCAL_DEVICE_IDS"] = ",".join(str(i) for i in range(index * devices, (index + 1) * devices))

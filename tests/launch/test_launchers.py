@@ -1,6 +1,7 @@
 """launch/: the TPU pod launcher's --dry-run commands (command by command), the SLURM batch script (bash -n,
 shellcheck when installed, a run against a stub `srun` whose recorded command and environment are checked,
-including that XLA accepts its XLA_FLAGS), and the GKE JobSet manifests (parsed, replica counts)."""
+including that XLA accepts its XLA_FLAGS), the GKE JobSet manifests (parsed, replica counts), and the environment
+launch/local.py gives each CPU process."""
 
 import os
 import pathlib
@@ -13,6 +14,10 @@ import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch"
+sys.path.insert(0, str(ROOT))
+from launch.local import process_env  # noqa: E402
+
+sys.path.pop(0)
 
 
 # --- TPU pod -----------------------------------------------------------------------------------------------
@@ -179,3 +184,21 @@ def test_jobset_gpu_2x8_h200():
                    "UNIMEDVL_NUM_PROCESSES": env["UNIMEDVL_NUM_PROCESSES"], "UNIMEDVL_PROCESS_ID": "1"})
     assert (spec.kind, spec.num_processes, spec.process_id) == ("env", 2, 1)
     assert "--config.mesh.shape=(2,-1,1)" in c["args"]
+
+
+# --- local processes ----------------------------------------------------------------------------------------
+def test_local_cpu_processes_get_devices_and_huge_page_malloc():
+    """CPU processes get their device count and glibc's huge-page malloc (a user's other tunables kept, a user's own
+    hugetlb setting left alone); GPU processes get neither."""
+    def env(base, platform="cpu"):
+        return process_env(base, index=1, count=2, port=1234, devices=4, platform=platform, init_timeout=60)
+
+    cpu = env({"XLA_FLAGS": "--xla_force_host_platform_device_count=2 --foo"})
+    assert cpu["XLA_FLAGS"].split() == ["--foo", "--xla_force_host_platform_device_count=4"]
+    assert cpu["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert cpu["UNIMEDVL_PROCESS_ID"] == "1" and cpu["UNIMEDVL_COORDINATOR_ADDRESS"] == "127.0.0.1:1234"
+    assert env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == (
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+    assert env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+    gpu = env({}, platform="gpu")
+    assert "GLIBC_TUNABLES" not in gpu and gpu["UNIMEDVL_LOCAL_DEVICE_IDS"] == "4,5,6,7"
