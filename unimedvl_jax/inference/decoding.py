@@ -18,7 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unimedvl_jax.inference.kv_cache import KVCache, ModelStructure, grow, layered, run_chunk, split_model
+from unimedvl_jax.inference.kv_cache import (
+    KVCache,
+    ModelStructure,
+    expert_capacities,
+    grow,
+    layered,
+    run_chunk,
+    split_model,
+)
 from unimedvl_jax.inference.row_sharding import RowSharding
 from unimedvl_jax.inference.sampling import check_sampling, sample_token
 from unimedvl_jax.models.attention import resolve_backend
@@ -43,10 +51,12 @@ def decode_step(structure: ModelStructure, params, cache: KVCache, tokens, posit
     """
     lm = structure.merge(params)
 
+    kinds = np.full(1, TEXT, np.int32)  # on the host, so the chunk's expert capacities are static
+
     def row(cache, token, position, is_active):
-        cache, hidden = run_chunk(lm, cache, lm.embed(token[None]), jnp.full((1,), TEXT, jnp.int32), position[None],
-                                  CAUSAL, is_active.astype(jnp.int32), backend=structure.backend,
-                                  block_size=structure.block_size, capacities=(1, 0))
+        cache, hidden = run_chunk(lm, cache, lm.embed(token[None]), jnp.asarray(kinds), position[None], CAUSAL,
+                                  is_active.astype(jnp.int32), backend=structure.backend,
+                                  block_size=structure.block_size, capacities=expert_capacities(kinds))
         return cache, lm.logits(hidden[0])
 
     cache, logits = jax.vmap(row)(cache, tokens, positions, active)
