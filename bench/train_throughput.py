@@ -53,12 +53,17 @@ CAPACITY_MULTIPLE = 128
 
 
 def load_config(path: str):
-    """get_config() of an experiment config file (configs/*.py)."""
+    """get_config() of an experiment config file (configs/*.py); a missing file or one without get_config() exits
+    with one line naming it."""
+    if not pathlib.Path(path).is_file():
+        raise SystemExit(f"config file not found: {path}")
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     spec = importlib.util.spec_from_file_location(f"bench_config_{pathlib.Path(path).stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise SystemExit(f"config file {path} has no get_config()")
     return module.get_config()
 
 

@@ -35,3 +35,14 @@ def test_unknown_backend_fails_in_config_validation():
     res = bench("--backends", "dense", "no_such_backend")
     assert res.returncode != 0 and "attention_backend='no_such_backend' not in" in res.stderr
     assert "building" not in res.stderr
+
+
+def test_bad_config_file_is_one_line(tmp_path):
+    """A missing config file, or one without get_config(), exits non-zero with one line naming it (no traceback)."""
+    missing, no_getter = tmp_path / "missing.py", tmp_path / "no_getter.py"
+    no_getter.write_text("x = 1\n")
+    for path, line in ((missing, f"config file not found: {missing}"),
+                       (no_getter, f"config file {no_getter} has no get_config()")):
+        res = subprocess.run([sys.executable, str(SCRIPT), "--config", str(path)], capture_output=True, text=True,
+                             cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=240)
+        assert res.returncode != 0 and res.stderr.strip() == line, res.stderr
