@@ -26,6 +26,7 @@ import numpy as np
 from data_pipelines.bad_records import BadRecordCounter
 from data_pipelines.packing import Packer
 from data_pipelines.schema import BadRecord, Record
+from data_pipelines.worker_prefetch import close_stream, prefetch_in_workers
 from unimedvl_jax.curriculum import TASKS, StageSchedule
 
 log = logging.getLogger(__name__)
@@ -140,13 +141,11 @@ class PackedBatchIterator:
         weights = self.schedule.weights[stage]
         tasks = [t for t in sorted(self._shares) if weights.get(t, 0) > 0]
         mixed = grain.MapDataset.mix([self._task_dataset(t, stage) for t in tasks], [weights[t] for t in tasks])
-        ds = mixed.to_iter_dataset()
-        if self.num_workers > 0:
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers,
-                                                             per_worker_buffer_size=self.worker_buffer_size))
-        return iter(ds)
+        return prefetch_in_workers(mixed.to_iter_dataset(), self.num_workers, self.worker_buffer_size)
 
     def _enter_stage(self, stage: int, iterator_state=None):
+        if self._iterator is not None:
+            close_stream(self._iterator)  # the previous stage's stream is finished: stop its workers now
         self._stage, self._iterator = stage, self._stage_iterator(stage)
         if iterator_state is not None:
             self._iterator.set_state(copy.deepcopy(iterator_state))
@@ -195,6 +194,8 @@ class PackedBatchIterator:
         """Restore a state from get_state (on a freshly built or a running iterator)."""
         self.step = int(state["step"])
         if state["stage"] is None:
+            if self._iterator is not None:
+                close_stream(self._iterator)
             self._stage, self._iterator = None, None
             return
         self._enter_stage(int(state["stage"]), state["iterator"])

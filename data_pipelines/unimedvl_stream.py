@@ -27,6 +27,7 @@ from data_pipelines.bad_records import BadRecordCounter
 from data_pipelines.mixture import GroupReader, GroupSource, Mixture
 from data_pipelines.packing import Packer
 from data_pipelines.schema import BadRecord
+from data_pipelines.worker_prefetch import close_stream, prefetch_in_workers
 from unimedvl_jax.curriculum import StageSchedule
 
 MANDATORY_TRIES = 64  # consecutive samples of a mandatory group that may fail to fit before it is an error
@@ -91,14 +92,11 @@ class MixturePackIterator:
         seed = self.seed + 7919 * k
         ds = self._shares[k].shuffle(seed=seed).repeat().random_map(
             ReadAndPlan(GroupReader(self.groups[k]), self.planner), seed=seed + 104729).to_iter_dataset()
-        if self.num_workers > 0:
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers,
-                                                             per_worker_buffer_size=self.worker_buffer_size))
-        return iter(ds)
+        return prefetch_in_workers(ds, self.num_workers, self.worker_buffer_size)
 
     def _start(self, state: dict | None = None) -> None:
         for it in self._iters or []:  # stop the replaced streams' worker processes
-            getattr(it, "close", lambda: None)()
+            close_stream(it)
         self._iters = [self._stream(k) for k in range(len(self.groups))]
         self.packer.discard_open()
         self._held, self._draws = None, 0
