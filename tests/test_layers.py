@@ -28,9 +28,9 @@ LAYERS = [
                 "unimedvl_jax.flags_help", "data_pipelines.build", "unimedvl_jax.compile_cli")),
     (6, "configs", ("configs",)),
 ]
-# Imports that stay inside a function on purpose: private JAX modules probed in a try block, and packages whose
-# import is slow and only some runs need.
-LAZY_OK = ("jax._src", "tensorboardX", "torch")
+# Imports that stay inside a function or a try block on purpose: private JAX / grain modules probed in a try block,
+# and packages whose import is slow and only some runs need.
+LAZY_OK = ("jax._src", "grain._src", "tensorboardX", "torch")
 
 
 def _modules():
