@@ -144,8 +144,7 @@ class PackedBatchIterator:
         return prefetch_in_workers(mixed.to_iter_dataset(), self.num_workers, self.worker_buffer_size)
 
     def _enter_stage(self, stage: int, iterator_state=None):
-        if self._iterator is not None:
-            close_stream(self._iterator)  # the previous stage's stream is finished: stop its workers now
+        close_stream(self._iterator)  # the previous stage's stream is finished: stop its workers now
         self._stage, self._iterator = stage, self._stage_iterator(stage)
         if iterator_state is not None:
             self._iterator.set_state(copy.deepcopy(iterator_state))
@@ -194,8 +193,7 @@ class PackedBatchIterator:
         """Restore a state from get_state (on a freshly built or a running iterator)."""
         self.step = int(state["step"])
         if state["stage"] is None:
-            if self._iterator is not None:
-                close_stream(self._iterator)
+            close_stream(self._iterator)
             self._stage, self._iterator = None, None
             return
         self._enter_stage(int(state["stage"]), state["iterator"])

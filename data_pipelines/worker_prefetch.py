@@ -37,5 +37,5 @@ def prefetch_in_workers(ds: grain.IterDataset, num_workers: int, buffer_size: in
 
 
 def close_stream(iterator) -> None:
-    """Stop a stream's worker processes now (no-op for an in-process iterator)."""
+    """Stop a stream's worker processes now (no-op for None or an in-process iterator)."""
     getattr(iterator, "close", lambda: None)()
