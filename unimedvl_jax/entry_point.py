@@ -9,8 +9,9 @@ line, `prog: error: ... (see 'prog --help')`, and exits with status 2. So does b
 runs (unimedvl_jax/errors.py: a missing, unreadable, truncated or corrupt file, invalid JSON, a tensor of the wrong
 shape): `prog: error: <message naming the file / key / record>`, exit status 2, no traceback. `--debug` (a flag of
 every command) shows the traceback of such an error instead; any other exception (a bug) always shows it. A body
-that uses JAX calls `start(prog)` before any JAX computation: quiet library logging, join the multi-process job the
-environment describes (a no-op for one process; a failed join exits 3), flax's explicit-sharding mode.
+that uses JAX calls `start(prog)` before any JAX computation: quiet library logging, spawned data workers that skip
+re-running the main module, join the multi-process job the environment describes (a no-op for one process; a failed
+join exits 3), flax's explicit-sharding mode.
 
 Why not absl's global FLAGS and `app.run`: absl's --help lists the key flags of the main module, and a console
 script's wrapper is the main module, so `unimedvl-train --help` showed no flag and exited 1; cli.py and
@@ -23,6 +24,7 @@ The flags of the global registry (absl logging, grain) are still accepted by eve
 from __future__ import annotations
 
 import dataclasses
+import importlib.machinery
 import inspect
 import logging
 import os
@@ -220,9 +222,24 @@ def _describe(flag: flags.Flag, *, required: bool) -> str:
                          break_on_hyphens=False, break_long_words=False)
 
 
+def spawn_without_main() -> None:
+    """Let processes this one spawns (grain's data workers) start without running this program's main module."""
+    # multiprocessing's "spawn" start runs the parent's __main__ again in every child, so that objects pickled by
+    # reference to it resolve there. A console script's __main__ imports its whole command (about 4 s on a 2-core
+    # machine, while a data worker needs 1–2 s of imports), and every curriculum stage starts new workers. grain sends
+    # a worker its dataset with cloudpickle, which pickles __main__'s own objects by value, so the workers need no
+    # __main__. A main module whose spec is named "__main__" is one multiprocessing never re-runs (as for
+    # `python -m package`); a main already marked so is left as it is.
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None) or ""
+    if main is not None and name != "__main__" and not name.endswith(".__main__"):
+        main.__spec__ = importlib.machinery.ModuleSpec("__main__", None)
+
+
 def start(prog: str, *, timeout_s: float | None = None) -> distributed.ClusterSpec:
     """Prepare this process for `prog` before any JAX computation or device query; returns the ClusterSpec."""
     logging.getLogger().setLevel(logging.WARNING)
+    spawn_without_main()
     spec = distributed.initialize_or_exit(prog, timeout_s=timeout_s)
     nnx.use_eager_sharding(False)  # variables are placed by sharding.shard_model / their checkpoints
     return spec
