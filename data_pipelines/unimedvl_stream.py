@@ -27,7 +27,7 @@ from data_pipelines.bad_records import BadRecordCounter
 from data_pipelines.mixture import GroupReader, GroupSource, Mixture
 from data_pipelines.packing import Packer
 from data_pipelines.schema import BadRecord
-from data_pipelines.worker_prefetch import close_stream, prefetch_in_workers
+from data_pipelines.worker_prefetch import READ_BUFFER_SIZE, READ_THREADS, close_stream, prefetch_in_workers
 from unimedvl_jax.curriculum import StageSchedule
 
 MANDATORY_TRIES = 64  # consecutive samples of a mandatory group that may fail to fit before it is an error
@@ -60,13 +60,15 @@ class MixturePackIterator:
 
     def __init__(self, mixture: Mixture, schedule: StageSchedule, planner, packer: Packer, *, seed: int = 0,
                  shard_index: int = 0, shard_count: int = 1, num_workers: int = 0, start_step: int = 0,
-                 worker_buffer_size: int = 8, packs_per_step: int = 1):
+                 worker_buffer_size: int = 8, packs_per_step: int = 1, read_threads: int = READ_THREADS,
+                 read_buffer_size: int = READ_BUFFER_SIZE):
         if not 0 <= shard_index < shard_count:
             raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
         self.groups = [g for g in mixture.groups if g.weight > 0 or g.mandatory]
         self.schedule, self.planner, self.packer, self.seed = schedule, planner, packer, int(seed)
         self.packs_per_step, self.num_workers, self.worker_buffer_size = packs_per_step, num_workers, \
             worker_buffer_size
+        self.read_threads, self.read_buffer_size = read_threads, read_buffer_size
         self._shares = []
         for g in self.groups:
             share = grain.MapDataset.source(GroupSource(g))[shard_index::shard_count]
@@ -91,8 +93,9 @@ class MixturePackIterator:
     def _stream(self, k: int):
         seed = self.seed + 7919 * k
         ds = self._shares[k].shuffle(seed=seed).repeat().random_map(
-            ReadAndPlan(GroupReader(self.groups[k]), self.planner), seed=seed + 104729).to_iter_dataset()
-        return prefetch_in_workers(ds, self.num_workers, self.worker_buffer_size)
+            ReadAndPlan(GroupReader(self.groups[k]), self.planner), seed=seed + 104729)
+        return prefetch_in_workers(ds, self.num_workers, self.worker_buffer_size, read_threads=self.read_threads,
+                                   read_buffer_size=self.read_buffer_size)
 
     def _start(self, state: dict | None = None) -> None:
         for it in self._iters or []:  # stop the replaced streams' worker processes

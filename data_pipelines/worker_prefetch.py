@@ -1,11 +1,19 @@
-"""Prefetching a grain stream in worker processes, with a bounded stop (docs/architecture.md, Library notes).
+"""A decoding stream over a grain MapDataset: a few reader threads ahead of the consumer, optionally in worker
+processes, with a bounded stop (docs/architecture.md, Library notes).
 
-grain (0.2.18) stops a prefetch worker by setting its stop event and joining the process for up to 25 s before it
-kills it. A worker exits by itself only when its queue's feeder thread has nothing left to write; when an element
-larger than the pipe buffer (64 KiB) is still being written and nobody reads it any more, the worker's exit waits
-for that write forever. Our elements carry images, so every close of a worker-backed stream (each curriculum stage
-switch, the end of training) waited the full 25 s. A stream is only closed when nothing will read it again, so
-the wait is bounded by WORKER_STOP_TIMEOUT_S instead; a worker that stops by itself still exits first.
+Read-ahead: `MapDataset.to_iter_dataset()` without options reads with 16 threads up to 500 elements ahead (grain
+0.2.18), sized for remote storage. Our elements are decoded images and sample plans, produced on the CPU, so that
+default kept 16 threads decoding up to 500 samples per stream (per worker process, per mixture group) that training
+had not asked for: CPU taken from the train step, memory, and on every curriculum stage switch the whole read-ahead
+of the finished stage thrown away. The streams here read with `read_threads` threads up to `read_buffer_size`
+elements ahead (the data config's `read_threads` / `read_buffer_size`).
+
+Stop: grain stops a prefetch worker by setting its stop event and joining the process for up to 25 s before it kills
+it. A worker exits by itself only when its queue's feeder thread has nothing left to write; when an element larger
+than the pipe buffer (64 KiB) is still being written and nobody reads it any more, the worker's exit waits for that
+write forever. Our elements carry images, so every close of a worker-backed stream (each curriculum stage switch,
+the end of training) waited the full 25 s. A stream is only closed when nothing will read it again, so the wait is
+bounded by WORKER_STOP_TIMEOUT_S instead; a worker that stops by itself still exits first.
 """
 
 from __future__ import annotations
@@ -13,6 +21,11 @@ from __future__ import annotations
 import grain
 
 WORKER_STOP_TIMEOUT_S = 2.0
+READ_THREADS = 2
+READ_BUFFER_SIZE = 16
+# Arrays of at least this many bytes leave a worker in shared memory, the rest pickled through its pipe (grain's
+# default, 0, would give every small index array a shared-memory block of its own).
+MIN_SHARED_MEMORY_BYTES = 16 * 1024
 
 try:  # grain's worker-process prefetch (a private module: without it, grain's own timeout applies)
     from grain._src.python.dataset.transformations import process_prefetch as _process_prefetch
@@ -27,13 +40,21 @@ def bound_worker_stop(timeout_s: float = WORKER_STOP_TIMEOUT_S) -> None:
         setattr(_process_prefetch, name, timeout_s)
 
 
-def prefetch_in_workers(ds: grain.IterDataset, num_workers: int, buffer_size: int):
-    """An iterator over `ds` produced by `num_workers` grain worker processes (the calling process when 0)."""
+def prefetch_in_workers(ds: grain.MapDataset, num_workers: int, buffer_size: int, *,
+                        read_threads: int = READ_THREADS, read_buffer_size: int = READ_BUFFER_SIZE):
+    """An iterator over `ds`, each element produced by one of `read_threads` threads at most `read_buffer_size`
+    elements ahead, in each of `num_workers` grain worker processes (`buffer_size` elements queued per worker), or
+    in the calling process when num_workers is 0."""
+    if read_threads < 1 or read_buffer_size < 1:
+        raise ValueError(f"read_threads and read_buffer_size must be >= 1, got {read_threads} and {read_buffer_size}")
+    stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer_size))
     if num_workers > 0:
         bound_worker_stop()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                         per_worker_buffer_size=buffer_size))
-    return iter(ds)
+        stream = grain.experimental.WithOptionsIterDataset(
+            stream, grain.experimental.DatasetOptions(min_shm_size=MIN_SHARED_MEMORY_BYTES))
+        stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                                 per_worker_buffer_size=buffer_size))
+    return iter(stream)
 
 
 def close_stream(iterator) -> None:

@@ -28,7 +28,9 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         # UniMedVL mixture YAML streamed from its JSONL / parquet files instead of shards (docs/unimedvl_format.md);
         # dataset_info file (empty = the YAML's own dataset_info key).
         mixture="", mixture_dataset_info="",
-        num_workers=0,
+        num_workers=0,  # grain worker processes per data shard (0: decode in the training process)
+        # Reader threads per stream and how many elements they decode ahead (data_pipelines/worker_prefetch.py).
+        read_threads=2, read_buffer_size=16,
         seed=0,
         balance_alpha=0.0,  # modality-balanced sampling per task family, weight n_m^-alpha (data_pipelines/balance.py)
     ))
