@@ -69,3 +69,8 @@ def test_grid_and_report():
     assert checks["plane accuracy"]["met"] is False and checks["cycle check"]["met"] is True
     assert "| plane accuracy | 0.700 | 0.8 | **no** |" in text
     assert "| r | 30.00 | 20.00 |" in text and "![samples](samples.png)" in text
+    modality["macro_modalities"] = ["CT", "MRI", "US"]  # unimed-mini's test split: one modality too few
+    checks = demo.learning_checks(report)
+    assert checks["modality macro-accuracy"]["value"] is None and checks["modality macro-accuracy"]["met"] is False
+    assert ("| modality macro-accuracy | — (3 modalities with >= 2 test scans (CT, MRI, US); the check needs 4) | "
+            "0.6 | **no** |") in demo._markdown(report)

@@ -162,8 +162,19 @@ def learning_checks(report: dict) -> dict:
     values = {"modality macro-accuracy": modality.get("macro_accuracy") if enough else None,
               "plane accuracy": vqa.get("plane", {}).get("accuracy"),
               "cycle check": report["generation"]["cycle_accuracy"]}
-    return {k: {"value": v, "target": TARGETS[k], "met": v is not None and v == v and v >= TARGETS[k]}
-            for k, v in values.items()}
+    checks = {k: {"value": v, "target": TARGETS[k], "met": v is not None and v == v and v >= TARGETS[k]}
+              for k, v in values.items()}
+    if not enough:
+        names = modality.get("macro_modalities", [])
+        checks["modality macro-accuracy"]["why"] = (
+            f"{len(names)} modalities with >= 2 test scans ({', '.join(names) or 'none'}); the check needs "
+            f"{MIN_MACRO_MODALITIES}")
+    return checks
+
+
+def _check_value(check: dict) -> str:
+    """A learning check's value, or '—' and why it has none."""
+    return _f(check["value"]) + (f" ({check['why']})" if "why" in check else "")
 
 
 def _f(x) -> str:
@@ -177,7 +188,7 @@ def _markdown(report: dict) -> str:
              f"{report['seconds_total']:.0f} s.", "", "## Timings (s)", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["timings"].items()]
     lines += ["", "## Learning checks", "", "| check | value | target | met |", "|---|---|---|---|"]
-    lines += [f"| {k} | {_f(c['value'])} | {c['target']} | {'yes' if c['met'] else '**no**'} |"
+    lines += [f"| {k} | {_check_value(c)} | {c['target']} | {'yes' if c['met'] else '**no**'} |"
               for k, c in learning_checks(report).items()]
     lines += ["", f"## Held-out VQA (test split; at most {MAX_QUESTIONS_PER_SCAN} questions per type and source scan)",
               "", "Macro = mean of the per-modality accuracies over modalities with ≥ 2 test scans; the majority "
@@ -320,7 +331,7 @@ def run_demo(cfg, workdir: str, *, images_per_prompt: int = 2, sr_images: int = 
               "timings": progress.timings, "seconds_total": round(progress.elapsed(), 1)}
     report["learning_checks"] = learning_checks(report)
     for name, check in report["learning_checks"].items():
-        progress.say(f"{name}: {_f(check['value'])} (target {check['target']}: "
+        progress.say(f"{name}: {_check_value(check)} (target {check['target']}: "
                      f"{'met' if check['met'] else 'NOT met'})")
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
