@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
 
 from data_pipelines.schema import Record, decode_image
@@ -121,15 +120,6 @@ class SamplePlan:
                 "max_vit_patches": int(self.vit_patches.shape[0]),
                 "max_vae_tokens": int(self.vae_token_index.shape[0]),
                 "max_vae_images": len(self.vae_images)}
-
-
-# A pytree of its arrays (record id, task and items are static): grain's worker processes then hand the large ones
-# (ViT patches, VAE images) over in shared memory instead of pickling them through the worker's pipe
-# (data_pipelines/worker_prefetch.py).
-_STATIC_FIELDS = ("record_id", "task", "items")
-jax.tree_util.register_dataclass(
-    SamplePlan, data_fields=[f.name for f in dataclasses.fields(SamplePlan) if f.name not in _STATIC_FIELDS],
-    meta_fields=list(_STATIC_FIELDS))
 
 
 class PlanBuilder:

@@ -23,9 +23,6 @@ import grain
 WORKER_STOP_TIMEOUT_S = 2.0
 READ_THREADS = 2
 READ_BUFFER_SIZE = 16
-# Arrays of at least this many bytes leave a worker in shared memory, the rest pickled through its pipe (grain's
-# default, 0, would give every small index array a shared-memory block of its own).
-MIN_SHARED_MEMORY_BYTES = 16 * 1024
 
 try:  # grain's worker-process prefetch (a private module: without it, grain's own timeout applies)
     from grain._src.python.dataset.transformations import process_prefetch as _process_prefetch
@@ -50,8 +47,6 @@ def prefetch_in_workers(ds: grain.MapDataset, num_workers: int, buffer_size: int
     stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer_size))
     if num_workers > 0:
         bound_worker_stop()
-        stream = grain.experimental.WithOptionsIterDataset(
-            stream, grain.experimental.DatasetOptions(min_shm_size=MIN_SHARED_MEMORY_BYTES))
         stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                                  per_worker_buffer_size=buffer_size))
     return iter(stream)
