@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import grain
 
+from unimedvl_jax.errors import UserError
+
 WORKER_STOP_TIMEOUT_S = 2.0
 READ_THREADS = 2
 READ_BUFFER_SIZE = 16
@@ -42,8 +44,9 @@ def prefetch_in_workers(ds: grain.MapDataset, num_workers: int, buffer_size: int
     """An iterator over `ds`, each element produced by one of `read_threads` threads at most `read_buffer_size`
     elements ahead, in each of `num_workers` grain worker processes (`buffer_size` elements queued per worker), or
     in the calling process when num_workers is 0."""
-    if read_threads < 1 or read_buffer_size < 1:
-        raise ValueError(f"read_threads and read_buffer_size must be >= 1, got {read_threads} and {read_buffer_size}")
+    if read_threads < 1 or read_buffer_size < 1:  # a config value (a UserError: one error line, no traceback)
+        raise UserError(f"data.read_threads and data.read_buffer_size must be >= 1, got {read_threads} and "
+                        f"{read_buffer_size}")
     stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer_size))
     if num_workers > 0:
         bound_worker_stop()

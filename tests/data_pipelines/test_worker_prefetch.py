@@ -9,6 +9,7 @@ import grain
 import pytest
 
 from data_pipelines.worker_prefetch import WORKER_STOP_TIMEOUT_S, close_stream, prefetch_in_workers
+from unimedvl_jax.errors import UserError
 
 ELEMENT_BYTES = 1 << 20  # 16× a Linux pipe buffer: the worker's queue feeder is still writing when the stream stops
 
@@ -54,7 +55,6 @@ def test_readers_decode_a_bounded_number_of_elements_ahead():
 
 @pytest.mark.parametrize("threads,ahead", [(0, 8), (2, 0)])
 def test_bad_read_options_are_refused(threads, ahead):
-    with pytest.raises(ValueError, match="read_threads and read_buffer_size"):
+    with pytest.raises(UserError, match="data.read_threads and data.read_buffer_size must be >= 1"):
         prefetch_in_workers(big_elements(), num_workers=0, buffer_size=4, read_threads=threads,
                             read_buffer_size=ahead)
-
