@@ -19,6 +19,7 @@ from data_pipelines.sample_plan import Planner
 from data_pipelines.schema import decode_image
 from data_pipelines.transforms import ImageTransform
 from data_pipelines.unimedvl_stream import MixturePackIterator
+from data_pipelines.worker_prefetch import StreamOptions
 from unimedvl_jax.curriculum import StageSchedule
 from unimedvl_jax.tokenizers import SentencePieceTokenizer, load_tokenizer
 
@@ -73,8 +74,7 @@ def _pack_iterator(cfg, tokenizer, task_sources, *, shard_index: int, shard_coun
         task_sources, StageSchedule.from_config(cfg.curriculum), Planner.from_config(data_cfg, cfg.model, tokenizer),
         Packer.from_config(data_cfg, cfg.model), seed=int(data_cfg.seed), start_step=start_step,
         shard_index=shard_index, shard_count=shard_count,
-        num_workers=int(data_cfg.num_workers if num_workers is None else num_workers), packs_per_step=packs_per_step,
-        read_threads=int(data_cfg.read_threads), read_buffer_size=int(data_cfg.read_buffer_size))
+        stream=StreamOptions.from_config(data_cfg, num_workers), packs_per_step=packs_per_step)
 
 
 def _train_sources(data_cfg, split: str | None = None):

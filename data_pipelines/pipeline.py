@@ -26,7 +26,7 @@ import numpy as np
 from data_pipelines.bad_records import BadRecordCounter
 from data_pipelines.packing import Packer
 from data_pipelines.schema import BadRecord, Record
-from data_pipelines.worker_prefetch import READ_BUFFER_SIZE, READ_THREADS, close_stream, prefetch_in_workers
+from data_pipelines.worker_prefetch import IN_PROCESS, StreamOptions, close_stream, prefetch_in_workers
 from unimedvl_jax.curriculum import TASKS, StageSchedule
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,8 @@ class PackedBatchIterator:
     iterator's `step` counts packs, the curriculum stage follows the train step)."""
 
     def __init__(self, task_sources: dict, schedule: StageSchedule, planner, packer: Packer, *, seed: int = 0,
-                 shard_index: int = 0, shard_count: int = 1, num_workers: int = 0, start_step: int = 0,
-                 worker_buffer_size: int = 8, packs_per_step: int = 1, read_threads: int = READ_THREADS,
-                 read_buffer_size: int = READ_BUFFER_SIZE):
+                 shard_index: int = 0, shard_count: int = 1, stream: StreamOptions = IN_PROCESS,
+                 start_step: int = 0, packs_per_step: int = 1):
         missing = {t for w in schedule.weights for t, v in w.items() if v > 0} - set(task_sources)
         if missing:
             raise ValueError(f"the curriculum mixes {sorted(missing)} but no source provides them")
@@ -111,8 +110,7 @@ class PackedBatchIterator:
             raise ValueError(f"packs_per_step must be >= 1, got {packs_per_step}")
         self.schedule, self.packer, self.seed = schedule, packer, seed
         self.packs_per_step = packs_per_step  # this process's packs per train step: stage = stage_at(step // it)
-        self.num_workers, self.worker_buffer_size = num_workers, worker_buffer_size
-        self.read_threads, self.read_buffer_size = read_threads, read_buffer_size
+        self.stream_options = stream
         self.bad_records = BadRecordCounter()
         self.tasks_seen = collections.Counter()
         self.last_pack = None
@@ -143,8 +141,7 @@ class PackedBatchIterator:
         weights = self.schedule.weights[stage]
         tasks = [t for t in sorted(self._shares) if weights.get(t, 0) > 0]
         mixed = grain.MapDataset.mix([self._task_dataset(t, stage) for t in tasks], [weights[t] for t in tasks])
-        return prefetch_in_workers(mixed, self.num_workers, self.worker_buffer_size, read_threads=self.read_threads,
-                                   read_buffer_size=self.read_buffer_size)
+        return prefetch_in_workers(mixed, self.stream_options)
 
     def _enter_stage(self, stage: int, iterator_state=None):
         close_stream(self._iterator)  # the previous stage's stream is finished: stop its workers now

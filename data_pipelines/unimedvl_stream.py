@@ -27,7 +27,7 @@ from data_pipelines.bad_records import BadRecordCounter
 from data_pipelines.mixture import GroupReader, GroupSource, Mixture
 from data_pipelines.packing import Packer
 from data_pipelines.schema import BadRecord
-from data_pipelines.worker_prefetch import READ_BUFFER_SIZE, READ_THREADS, close_stream, prefetch_in_workers
+from data_pipelines.worker_prefetch import IN_PROCESS, StreamOptions, close_stream, prefetch_in_workers
 from unimedvl_jax.curriculum import StageSchedule
 
 MANDATORY_TRIES = 64  # consecutive samples of a mandatory group that may fail to fit before it is an error
@@ -59,16 +59,13 @@ class MixturePackIterator:
     curriculum stage tag of each batch (the curriculum's task weights do not apply: the YAML's weights do)."""
 
     def __init__(self, mixture: Mixture, schedule: StageSchedule, planner, packer: Packer, *, seed: int = 0,
-                 shard_index: int = 0, shard_count: int = 1, num_workers: int = 0, start_step: int = 0,
-                 worker_buffer_size: int = 8, packs_per_step: int = 1, read_threads: int = READ_THREADS,
-                 read_buffer_size: int = READ_BUFFER_SIZE):
+                 shard_index: int = 0, shard_count: int = 1, stream: StreamOptions = IN_PROCESS,
+                 start_step: int = 0, packs_per_step: int = 1):
         if not 0 <= shard_index < shard_count:
             raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
         self.groups = [g for g in mixture.groups if g.weight > 0 or g.mandatory]
         self.schedule, self.planner, self.packer, self.seed = schedule, planner, packer, int(seed)
-        self.packs_per_step, self.num_workers, self.worker_buffer_size = packs_per_step, num_workers, \
-            worker_buffer_size
-        self.read_threads, self.read_buffer_size = read_threads, read_buffer_size
+        self.packs_per_step, self.stream_options = packs_per_step, stream
         self._shares = []
         for g in self.groups:
             share = grain.MapDataset.source(GroupSource(g))[shard_index::shard_count]
@@ -94,8 +91,7 @@ class MixturePackIterator:
         seed = self.seed + 7919 * k
         ds = self._shares[k].shuffle(seed=seed).repeat().random_map(
             ReadAndPlan(GroupReader(self.groups[k]), self.planner), seed=seed + 104729)
-        return prefetch_in_workers(ds, self.num_workers, self.worker_buffer_size, read_threads=self.read_threads,
-                                   read_buffer_size=self.read_buffer_size)
+        return prefetch_in_workers(ds, self.stream_options)
 
     def _start(self, state: dict | None = None) -> None:
         for it in self._iters or []:  # stop the replaced streams' worker processes

@@ -18,13 +18,13 @@ bounded by WORKER_STOP_TIMEOUT_S instead; a worker that stops by itself still ex
 
 from __future__ import annotations
 
+import dataclasses
+
 import grain
 
-from unimedvl_jax.errors import UserError
+from unimedvl_jax.data_config import READ_BUFFER_SIZE, READ_THREADS, validate_stream_options
 
 WORKER_STOP_TIMEOUT_S = 2.0
-READ_THREADS = 2
-READ_BUFFER_SIZE = 16
 
 try:  # grain's worker-process prefetch (a private module: without it, grain's own timeout applies)
     from grain._src.python.dataset.transformations import process_prefetch as _process_prefetch
@@ -39,19 +39,40 @@ def bound_worker_stop(timeout_s: float = WORKER_STOP_TIMEOUT_S) -> None:
         setattr(_process_prefetch, name, timeout_s)
 
 
-def prefetch_in_workers(ds: grain.MapDataset, num_workers: int, buffer_size: int, *,
-                        read_threads: int = READ_THREADS, read_buffer_size: int = READ_BUFFER_SIZE):
-    """An iterator over `ds`, each element produced by one of `read_threads` threads at most `read_buffer_size`
-    elements ahead, in each of `num_workers` grain worker processes (`buffer_size` elements queued per worker), or
-    in the calling process when num_workers is 0."""
-    if read_threads < 1 or read_buffer_size < 1:  # a config value (a UserError: one error line, no traceback)
-        raise UserError(f"data.read_threads and data.read_buffer_size must be >= 1, got {read_threads} and "
-                        f"{read_buffer_size}")
-    stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer_size))
-    if num_workers > 0:
+@dataclasses.dataclass(frozen=True)
+class StreamOptions:
+    """How a stream decodes: `read_threads` threads at most `read_buffer_size` elements ahead, in each of
+    `num_workers` grain worker processes (`worker_buffer_size` elements queued per worker), or in the consuming
+    process when num_workers is 0. Checked when made (the data config's keys, a UserError)."""
+
+    num_workers: int = 0
+    worker_buffer_size: int = 8
+    read_threads: int = READ_THREADS
+    read_buffer_size: int = READ_BUFFER_SIZE
+
+    def __post_init__(self):
+        validate_stream_options(dataclasses.asdict(self))
+        if self.worker_buffer_size < 1:
+            raise ValueError(f"worker_buffer_size must be >= 1, got {self.worker_buffer_size}")
+
+    @classmethod
+    def from_config(cls, data_cfg, num_workers: int | None = None) -> "StreamOptions":
+        """The data config's stream settings; `num_workers` overrides data.num_workers."""
+        return cls(num_workers=data_cfg.num_workers if num_workers is None else num_workers,
+                   read_threads=data_cfg.read_threads, read_buffer_size=data_cfg.read_buffer_size)
+
+
+IN_PROCESS = StreamOptions()  # decoding in the consuming process with the default reader settings
+
+
+def prefetch_in_workers(ds: grain.MapDataset, options: StreamOptions = IN_PROCESS):
+    """An iterator over `ds`, decoded as `options` say."""
+    stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=options.read_threads,
+                                                  prefetch_buffer_size=options.read_buffer_size))
+    if options.num_workers > 0:
         bound_worker_stop()
-        stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                                 per_worker_buffer_size=buffer_size))
+        stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=options.num_workers,
+                                                                 per_worker_buffer_size=options.worker_buffer_size))
     return iter(stream)
 
 

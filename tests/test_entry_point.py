@@ -29,9 +29,9 @@ MAIN = textwrap.dedent("""
             from unimedvl_jax.entry_point import spawn_without_main
             spawn_without_main()
         import grain
-        from data_pipelines.worker_prefetch import close_stream, prefetch_in_workers
-        it = prefetch_in_workers(grain.MapDataset.source(list(range(10))).map(plus_one), num_workers=1,
-                                 buffer_size=2)
+        from data_pipelines.worker_prefetch import StreamOptions, close_stream, prefetch_in_workers
+        it = prefetch_in_workers(grain.MapDataset.source(list(range(10))).map(plus_one),
+                                 StreamOptions(num_workers=1, worker_buffer_size=2))
         print([next(it) for _ in range(3)])
         close_stream(it)
 """)

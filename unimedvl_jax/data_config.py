@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import ml_collections
 
+from unimedvl_jax.errors import UserError
+
 DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024  # docs/preprocessing.md §6.4
+READ_THREADS = 2        # reader threads per data stream (data_pipelines/worker_prefetch.py)
+READ_BUFFER_SIZE = 16   # elements those threads decode ahead of the consumer
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
@@ -30,9 +34,19 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         mixture="", mixture_dataset_info="",
         num_workers=0,  # grain worker processes per data shard (0: decode in the training process)
         # Reader threads per stream and how many elements they decode ahead (data_pipelines/worker_prefetch.py).
-        read_threads=2, read_buffer_size=16,
+        read_threads=READ_THREADS, read_buffer_size=READ_BUFFER_SIZE,
         seed=0,
         balance_alpha=0.0,  # modality-balanced sampling per task family, weight n_m^-alpha (data_pipelines/balance.py)
     ))
     c.update(overrides)
     return c
+
+
+def validate_stream_options(c: ml_collections.ConfigDict) -> None:
+    """Fail with one error line (a UserError) on data stream settings no stream can run with, before anything
+    is built."""
+    errors = [f"data.{key}={c[key]!r} must be an integer >= {low}"
+              for key, low in (("num_workers", 0), ("read_threads", 1), ("read_buffer_size", 1))
+              if isinstance(c[key], bool) or not isinstance(c[key], int) or c[key] < low]
+    if errors:
+        raise UserError("invalid data config: " + "; ".join(errors))

@@ -13,6 +13,7 @@ from data_pipelines import schema
 from data_pipelines.packing import Packer
 from data_pipelines.pipeline import PackedBatchIterator
 from data_pipelines.sample_plan import Planner
+from data_pipelines.worker_prefetch import StreamOptions
 from unimedvl_jax.curriculum import StageSchedule, curriculum_config
 from unimedvl_jax.tokenizers import SentencePieceTokenizer
 
@@ -171,6 +172,6 @@ def test_worker_processes_give_the_same_batches(planner):
     import jax
 
     a = make_iter(planner, sources(20), steps=(20, 20, 20))
-    b = make_iter(planner, sources(20), steps=(20, 20, 20), num_workers=2)
+    b = make_iter(planner, sources(20), steps=(20, 20, 20), stream=StreamOptions(num_workers=2))
     for _ in range(6):
         jax.tree.map(np.testing.assert_array_equal, next(a), next(b))

@@ -55,6 +55,7 @@ from data_pipelines.prepare import ensure_dataset
 from unimedvl_jax import distributed
 from unimedvl_jax import sharding as shd
 from unimedvl_jax.curriculum import StageSchedule
+from unimedvl_jax.data_config import validate_stream_options
 from unimedvl_jax.models.unimedvl import UniMedVL
 from unimedvl_jax.packed_batch import PackedBatch
 from unimedvl_jax.tokenizers import Tokenizer
@@ -227,7 +228,9 @@ def _leave_job(error: BaseException) -> None:
 
 
 def new_run(cfg, workdir: str | None, console=print) -> Run:
-    """The Run of `cfg`: `workdir` made absolute and created (None: no run directory, as for a compile report)."""
+    """The Run of `cfg`: `workdir` made absolute and created (None: no run directory, as for a compile report).
+    Data stream settings are checked first, so a bad one ends the run before anything is built."""
+    validate_stream_options(cfg.data)
     if workdir is not None:
         workdir = os.path.abspath(workdir)
         os.makedirs(workdir, exist_ok=True)
