@@ -1,4 +1,5 @@
-"""Test-wide setup: logical axis names are metadata only (no mesh), fp32 everywhere."""
+"""Test-wide setup: logical axis names are metadata only (no mesh), fp32 everywhere; the heavy modules run first,
+each on one xdist worker (HEAVY_MODULES)."""
 
 import os
 import pathlib
@@ -11,6 +12,16 @@ from flax import nnx  # noqa: E402
 nnx.use_eager_sharding(False)
 
 OFFICIAL = pathlib.Path(__file__).parent / "fixtures" / "official"
+
+# Modules whose module-scoped fixture (a training run, a multi-process job, compiles) takes most of their time, with
+# their rough total seconds on 2 cores (`--durations`, 2026-12-02). With `-n 2` each runs as one xdist group
+# (pyproject: --dist loadgroup), so its fixture is computed once, not once per worker, and they are collected first,
+# heaviest first, so that the two workers end together instead of one finishing a 7-minute module alone.
+HEAVY_MODULES = {
+    "train/test_step.py": 420, "train/test_loop.py": 330, "faults/test_checkpoint_faults.py": 270,
+    "faults/test_lost_process.py": 230, "launch/test_local_harness.py": 220, "train/test_step_sharding.py": 115,
+    "train/test_vae_training.py": 45, "test_cli_help.py": 40,
+}
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +95,16 @@ def unimed_mini_dir(tmp_path_factory) -> pathlib.Path:
     data_dir = tmp_path_factory.mktemp("unimed_mini")
     assert build.main(["--dataset", "unimed-mini", "--data-dir", str(data_dir)]) == 0
     return data_dir
+
+
+def pytest_collection_modifyitems(config, items):
+    """HEAVY_MODULES: one xdist group each, collected first (heaviest first; the others keep their order)."""
+    root = pathlib.Path(__file__).parent
+
+    def module(item):
+        return item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else ""
+
+    for item in items:
+        if module(item) in HEAVY_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module(item)))
+    items.sort(key=lambda item: -HEAVY_MODULES.get(module(item), 0))

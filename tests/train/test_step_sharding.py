@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-# One xdist worker runs the whole module, so the 2-minute mesh_result subprocess runs once (pyproject: loadgroup).
-pytestmark = pytest.mark.xdist_group("step_sharding")
 
 SCRIPT = textwrap.dedent("""
     import json, os, re, sys, tempfile

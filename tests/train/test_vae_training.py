@@ -17,9 +17,6 @@ from unimedvl_jax.testing import small_model_config
 from unimedvl_jax.train import vae_checkpoint, vae_config
 from unimedvl_jax.train import vae_training as vt
 
-# One xdist worker runs the whole module, so the `trained` VAE is trained once (pyproject: loadgroup).
-pytestmark = pytest.mark.xdist_group("vae_training")
-
 
 @pytest.fixture(autouse=True)
 def _no_eager_sharding():
