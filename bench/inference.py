@@ -1,10 +1,11 @@
 """Inference speed of a config's model with random weights: prefill, KV-cache decode and text-to-image.
 
 Prints Markdown tables. Timings are warm (the first call of each shape compiles and is reported separately):
-prefill and images are the best of --repeats runs; decode is the median step over --repeats rounds in which the
-context lengths take turns step by step (the machine may be shared: medians, and still noisy). Every context length
-uses one cache size, so the decode table shows whether a step's cost follows the context (block-sparse backends
-visit the key blocks up to the fill) or the cache size (`dense` attends over every slot, docs/inference.md §5.2).
+prefill and images are the best of --repeats runs; decode is the median step over --repeats rounds, each decoding
+every context length at batch 1 and then at --batch (so load spikes of a shared machine hit both alike: medians,
+and still noisy). Every context length uses one cache size, so the decode table shows whether a step's cost follows
+the context (block-sparse backends visit the key blocks up to the fill) or the cache size (`dense` attends over
+every slot, docs/inference.md §5.2).
 Usage:  python bench/inference.py [--config configs/tiny.py] [--backend blocksparse] [--contexts 128 512 2048]
                                   [--decode-tokens 32] [--batch 8] [--image-size 64] [--steps 25 50] [--skip-images]
 """
@@ -64,22 +65,22 @@ def bench_text(model, contexts, decode_tokens: int, batch: int, repeats: int):
     key = jax.random.key(0)
 
     def decode_seconds(ctxs, rows):
-        """Per context: seconds of each of `decode_tokens` steps of a `rows`-row batch (padded with inactive rows to
-        decoding.min_rows, as decoding.decode does). The contexts take turns step by step, so load spikes on a shared
-        machine hit every context length alike; the host syncs each step, as decoding.decode does."""
+        """Per context: seconds of each of `decode_tokens` consecutive steps of a `rows`-row batch (padded with
+        inactive rows to decoding.min_rows, as decoding.decode does; the host syncs each step, as it does too).
+        Each context's steps run back to back, as in decoding: taking turns step by step would evict one batch's
+        cache from the CPU caches between its own steps (a batch-8 step at context 2,048 reads 34 MB)."""
         total = max(rows, min_rows(structure.backend))
         active = np.arange(total) < rows
-        state = {n: (stack_rows([ctx.cache] * total, block_size=structure.block_size), np.full(total, 5, np.int32))
-                 for n, ctx in ctxs.items()}
         seconds = {n: [] for n in ctxs}
-        for step in range(decode_tokens):
-            for n, ctx in ctxs.items():
-                cache, tokens = state[n]
+        for n, ctx in ctxs.items():
+            cache = stack_rows([ctx.cache] * total, block_size=structure.block_size)
+            tokens = np.full(total, 5, np.int32)
+            for step in range(decode_tokens):
                 start = time.perf_counter()
                 cache, _, chosen = decode_step(structure, params, cache, tokens, np.full(total, ctx.rope + step,
                                                np.int32), active, key, np.int32(step), np.float32(0.0),
                                                np.float32(1.0))
-                state[n] = cache, np.asarray(chosen)
+                tokens = np.asarray(chosen)
                 seconds[n].append(time.perf_counter() - start)
         return seconds
 
