@@ -1,5 +1,5 @@
 """Test-wide setup: logical axis names are metadata only (no mesh), fp32 everywhere; the heavy modules run first,
-each on one xdist worker (HEAVY_MODULES)."""
+heaviest first (HEAVY_MODULES)."""
 
 import os
 import pathlib
@@ -13,14 +13,15 @@ nnx.use_eager_sharding(False)
 
 OFFICIAL = pathlib.Path(__file__).parent / "fixtures" / "official"
 
-# Modules whose module-scoped fixture (a training run, a multi-process job, compiles) takes most of their time, with
-# their rough total seconds on 2 cores (`--durations`, 2026-12-02). With `-n 2` each runs as one xdist group
-# (pyproject: --dist loadgroup), so its fixture is computed once, not once per worker, and they are collected first,
-# heaviest first, so that the two workers end together instead of one finishing a 7-minute module alone.
+# The modules that take longest (module fixtures that train, run multi-process jobs or compile), with their rough
+# total seconds on 2 cores (`--durations`, 2026-12-02). With `-n 2` every module runs on one xdist worker
+# (pyproject: --dist loadfile, so a module fixture is computed once, not once per worker); these are collected
+# first, heaviest first, so that the two workers end together instead of one finishing a 7-minute module alone.
 HEAVY_MODULES = {
     "train/test_step.py": 420, "train/test_loop.py": 330, "faults/test_checkpoint_faults.py": 270,
     "faults/test_lost_process.py": 230, "launch/test_local_harness.py": 220, "train/test_step_sharding.py": 115,
-    "train/test_vae_training.py": 45, "test_cli_help.py": 40,
+    "test_compile_cli.py": 100, "models/test_layer_stack.py": 80, "train/test_vae_training.py": 45,
+    "test_cli_help.py": 40,
 }
 
 
@@ -98,13 +99,10 @@ def unimed_mini_dir(tmp_path_factory) -> pathlib.Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """HEAVY_MODULES: one xdist group each, collected first (heaviest first; the others keep their order)."""
+    """HEAVY_MODULES first, heaviest first (a stable sort: every module's tests stay together and in order)."""
     root = pathlib.Path(__file__).parent
 
     def module(item):
         return item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else ""
 
-    for item in items:
-        if module(item) in HEAVY_MODULES:
-            item.add_marker(pytest.mark.xdist_group(module(item)))
     items.sort(key=lambda item: -HEAVY_MODULES.get(module(item), 0))
