@@ -16,7 +16,8 @@ OFFICIAL = pathlib.Path(__file__).parent / "fixtures" / "official"
 # The modules that take longest (module fixtures that train, run multi-process jobs or compile), with their rough
 # total seconds on 2 cores (`--durations`, 2026-12-02). With `-n 2` every module runs on one xdist worker
 # (pyproject: --dist loadfile, so a module fixture is computed once, not once per worker); these are collected
-# first, heaviest first, so that the two workers end together instead of one finishing a 7-minute module alone.
+# first, heaviest first, so that no 7-minute module starts last while the other worker idles (in the first CI run
+# with it the wall time stayed ~26 min: the heavy modules then run side by side and each is slower).
 HEAVY_MODULES = {
     "train/test_step.py": 420, "train/test_loop.py": 330, "faults/test_checkpoint_faults.py": 270,
     "faults/test_lost_process.py": 230, "launch/test_local_harness.py": 220, "train/test_step_sharding.py": 115,

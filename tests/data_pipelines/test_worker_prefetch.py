@@ -121,6 +121,9 @@ def test_bad_stream_options_are_refused_naming_the_config_key(key, value, messag
         StreamOptions(**{key: value})
     with pytest.raises(UserError, match=message):
         StreamOptions.from_config(data_config(**{key: value}))
+
+
+def test_a_fractional_stream_option_is_refused():
     with pytest.raises(UserError, match="data.read_threads=1.5 must be an integer >= 1"):
         StreamOptions(read_threads=1.5)
 
