@@ -5,7 +5,10 @@ prefill and images are the best of --repeats runs; decode is the median step ove
 every context length at batch 1 and then at --batch (so load spikes of a shared machine hit both alike: medians,
 and still noisy). Every context length uses one cache size, so the decode table shows whether a step's cost follows
 the context (block-sparse backends visit the key blocks up to the fill) or the cache size (`dense` attends over
-every slot, docs/inference.md §5.2).
+every slot, docs/inference.md §5.2). Each row also shows the K / V bytes a batch step must read (every row's filled
+slots, all layers) and the time that takes at the host's memory bandwidth (a sum over a 512 MB array, measured
+before the table): a step cannot be faster than that once its K / V no longer fit in the CPU's last-level cache, which
+bounds batch / batch 1.
 Usage:  python bench/inference.py [--config configs/tiny.py] [--backend blocksparse] [--contexts 128 512 2048]
                                   [--decode-tokens 32] [--batch 8] [--image-size 64] [--steps 25 50] [--skip-images]
 """
@@ -44,14 +47,33 @@ def timed(fn, repeats: int):
     return first, best
 
 
+def host_read_gbps(megabytes: int = 512, repeats: int = 5) -> float:
+    """GB/s of the best jitted sum over a `megabytes` float32 array: the host's memory read bandwidth (the array is
+    larger than any CPU cache)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones(megabytes * 2**20 // 4, jnp.float32)
+    total = jax.jit(jnp.sum)
+    seconds = timed(lambda: total(x).block_until_ready(), repeats)[1]
+    return x.nbytes / seconds / 1e9
+
+
+def kv_bytes_per_slot(ctx) -> int:
+    """Bytes of K and V of one cache slot over all layers."""
+    import jax
+
+    return sum(leaf.nbytes // leaf.shape[-3] for leaf in jax.tree.leaves((ctx.cache.keys, ctx.cache.values)))
+
+
 def text_prompt(length: int):
     """Token ids of a text segment filling `length` cache slots (its two markers included)."""
     return [(7 * i) % 1000 for i in range(length - 2)]
 
 
 def bench_text(model, contexts, decode_tokens: int, batch: int, repeats: int):
-    """(rows (context, prefill compile s, prefill ms, decode ms per step at batch 1 and at `batch`), cache size,
-    cache size when decoding)."""
+    """(rows (context, prefill compile s, prefill ms, decode ms per step at batch 1 and at `batch`, K / V MB a
+    `batch` step reads), cache size, cache size when decoding)."""
     import jax
     import numpy as np
 
@@ -97,8 +119,9 @@ def bench_text(model, contexts, decode_tokens: int, batch: int, repeats: int):
             single[n] += sec
         for n, sec in decode_seconds(ctxs, batch).items():
             batched[n] += sec
-    rows = [(n, prefill[n][0], prefill[n][1] * 1e3, np.median(single[n]) * 1e3, np.median(batched[n]) * 1e3)
-            for n in contexts]
+    slot_bytes = kv_bytes_per_slot(ctxs[contexts[0]])
+    rows = [(n, prefill[n][0], prefill[n][1] * 1e3, np.median(single[n]) * 1e3, np.median(batched[n]) * 1e3,
+             batch * (n + decode_tokens / 2) * slot_bytes / 1e6) for n in contexts]
     return rows, max_len, stack_rows([ctxs[contexts[0]].cache], block_size=structure.block_size).max_len
 
 
@@ -161,14 +184,17 @@ def main():
     backend = model.cfg.attention_backend
     print(f"{args.config}, random weights, fp32, attention {backend} ({resolve_backend(backend)}), "
           f"{jax.default_backend()} ({jax.device_count()} device(s))\n")
+    gbps = host_read_gbps()
     rows, max_len, decode_len = bench_text(model, args.contexts, args.decode_tokens, args.batch, args.repeats)
     print(f"Text (KV cache of {max_len} slots, {decode_len} when decoding, for every context length; decode over "
-          f"{args.decode_tokens} tokens, median step)\n")
+          f"{args.decode_tokens} tokens, median step; host memory read bandwidth {gbps:.1f} GB/s)\n")
     b = args.batch
     print(markdown(["context", "prefill compile s", "prefill ms", "decode ms/step (batch 1)", f"(batch {b})",
-                    "tokens/s (batch 1)", f"(batch {b})", f"batch {b} / batch 1"],
+                    "tokens/s (batch 1)", f"(batch {b})", f"batch {b} / batch 1", f"K/V MB per batch-{b} step",
+                    "its read at host bandwidth, ms", f"batch {b} / batch 1 at that floor"],
                    [(n, f"{c:.1f}", f"{p:.1f}", f"{d1:.2f}", f"{db:.2f}", f"{1e3 / d1:.0f}", f"{b * 1e3 / db:.0f}",
-                     f"{b * d1 / db:.2f}x") for n, c, p, d1, db in rows]))
+                     f"{b * d1 / db:.2f}x", f"{mb:.1f}", f"{mb / gbps:.2f}", f"{b * d1 / (mb / gbps):.2f}x")
+                    for n, c, p, d1, db, mb in rows]))
     print(f"\ndecode ms/step, longest / shortest context: {rows[-1][3] / rows[0][3]:.2f}x (batch 1), "
           f"{rows[-1][4] / rows[0][4]:.2f}x (batch {b})\n")
     if not args.skip_images:
