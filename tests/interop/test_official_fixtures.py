@@ -12,7 +12,7 @@ from flax import nnx
 
 from unimedvl_jax.interop.checkpoint_import import import_official
 from unimedvl_jax.interop.name_map import TO_OFFICIAL, build_name_map
-from unimedvl_jax.interop.official_batch import official_to_packed_batch
+from unimedvl_jax.interop.official_batch import official_to_packed_batch, packed_batch_to_official
 from unimedvl_jax.interop.safetensors_io import SafetensorsReader
 from unimedvl_jax.models.unimedvl import packed_loss
 
@@ -59,6 +59,22 @@ def test_import_is_strict_and_complete(imported):
     _, _, report = imported
     assert report.loaded == {"ema.safetensors": 111, "ae.safetensors": 240}
     assert report.skipped_optional == []
+
+
+@pytest.mark.parametrize("name", TRAIN_FIXTURES)
+@pytest.mark.parametrize("pad_tokens", [0, 9])
+def test_packed_batch_back_to_official_kwargs(imported, official_dir, manifest, name, pad_tokens):
+    """Our PackedBatch converts back to the recorded official forward kwargs exactly (padding dropped)."""
+    t, batch, latents = load_batch(official_dir, manifest, imported[1], name, pad_tokens)
+    back, modes = packed_batch_to_official(batch.to_numpy(), latents)
+    recorded = manifest["fixtures"][name]["batch"]
+    assert [m for sample in modes for m in sample] == recorded["attn_modes"]
+    assert [s.tolist() for s in back["split_lens_per_sample"]] == [p["split_lens"] for p in recorded["per_sample"]]
+    assert back["sequence_length"] == recorded["sequence_length"]
+    keys = set(back) - {"sequence_length", "split_lens_per_sample"}
+    assert keys <= set(t), keys - set(t)
+    for key in sorted(keys):
+        assert np.array_equal(np.asarray(back[key]), np.asarray(t[key]).reshape(np.shape(back[key]))), key
 
 
 @pytest.mark.parametrize("name", TRAIN_FIXTURES)

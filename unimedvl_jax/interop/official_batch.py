@@ -78,3 +78,60 @@ def official_to_packed_batch(t: dict, attn_modes: list[str], *, vit_patch_dim: i
         vae_position_ids=_i(t.get("packed_latent_position_ids", [])).astype(np.int32),
         vae_token_index=vae_idx.astype(np.int32), vae_timestep=timesteps)
     return batch, latents
+
+
+def _runs(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first value, length) of each run of equal values in `ids`."""
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, np.int64)
+    return ids[starts], np.diff(np.r_[starts, len(ids)])
+
+
+def packed_batch_to_official(batch: PackedBatch, latents) -> tuple[dict, list[list[str]]]:
+    """(official forward kwargs as numpy, the attn modes of each sample's splits) of one numpy PackedBatch and its
+    latents (N, h, w, C): the inverse of official_to_packed_batch (padding and capacity slots dropped).
+
+    The kwargs are those of the official training forward with `split_lens` / `attn_modes` (the packed-mask form);
+    `split_lens_per_sample` lists each sample's splits, for building the per-sample masks."""
+    kind = np.asarray(batch.token_kind)
+    length = int(np.count_nonzero(kind != PAD))
+    if np.any(kind[:length] == PAD):
+        raise ValueError(f"padding tokens among the first {length} tokens: the official layout packs the real tokens "
+                         "first")
+    samples, sample_lens = _runs(np.asarray(batch.sample_id)[:length])
+    splits, split_lens = _runs(np.asarray(batch.split_id)[:length])
+    if len(np.unique(samples)) != len(samples) or len(np.unique(splits)) != len(splits):
+        raise ValueError("a sample or split is not one contiguous run of tokens")
+    mode_names = {v: k for k, v in SPLIT_MODES.items()}
+    split_sample = np.asarray(batch.sample_id)[np.cumsum(split_lens) - 1]
+    split_mode = np.asarray(batch.split_mode)[np.cumsum(split_lens) - 1]
+    attn_modes = [[mode_names[int(m)] for m in split_mode[split_sample == s]] for s in samples]
+
+    text_idx = np.flatnonzero(kind == TEXT)
+    ce = np.asarray(batch.ce_weight) > 0
+    vit = np.asarray(batch.vit_token_index) < len(kind)
+    vae = np.asarray(batch.vae_token_index) < len(kind)
+    vae_index = np.asarray(batch.vae_token_index)[vae]
+    timesteps = np.asarray(batch.vae_timestep, np.float32)[vae]
+    images, rows, cols = (np.asarray(x)[vae] for x in (batch.vae_token_image, batch.vae_token_row,
+                                                        batch.vae_token_col))
+    shapes = [(int(rows[images == n].max()) + 1, int(cols[images == n].max()) + 1) for n in _runs(images)[0]]
+    t = dict(
+        sequence_length=length, sample_lens=sample_lens, split_lens=split_lens,
+        split_lens_per_sample=[split_lens[split_sample == s] for s in samples],
+        packed_text_ids=np.asarray(batch.text_ids)[text_idx].astype(np.int64), packed_text_indexes=text_idx,
+        packed_position_ids=np.asarray(batch.position_ids)[:length].astype(np.int64))
+    if ce.any():
+        t.update(ce_loss_indexes=np.asarray(batch.ce_index)[ce].astype(np.int64),
+                 packed_label_ids=np.asarray(batch.ce_labels)[ce].astype(np.int64))
+    if vit.any():
+        t.update(packed_vit_tokens=np.asarray(batch.vit_patches, np.float32)[vit],
+                 packed_vit_token_indexes=np.asarray(batch.vit_token_index)[vit].astype(np.int64),
+                 packed_vit_position_ids=np.asarray(batch.vit_position_ids)[vit].astype(np.int64),
+                 vit_token_seqlens=_runs(np.asarray(batch.vit_image_id)[vit])[1].astype(np.int32))
+    if vae.any():
+        t.update(padded_latent=np.transpose(np.asarray(latents, np.float32)[:len(shapes)], (0, 3, 1, 2)),
+                 patchified_vae_latent_shapes=np.asarray(shapes, np.int64),
+                 packed_latent_position_ids=np.asarray(batch.vae_position_ids)[vae].astype(np.int64),
+                 packed_vae_token_indexes=vae_index.astype(np.int64), packed_timesteps=timesteps,
+                 mse_loss_indexes=vae_index[np.isfinite(timesteps)].astype(np.int64))
+    return t, attn_modes
