@@ -1,8 +1,8 @@
-"""Forward + backward of the same packs, same weights, on this machine: our train step's loss vs the official code's.
+"""Forward + backward and VAE encode on this machine, same weights and inputs: ours next to the official code's.
 
     python bench/official_reference.py --official-src UniMedVL/codes --torch-python VENV/bin/python
                                        [--config configs/small.py] [--backend cpu_ffi] [--pack-lengths 512 2048]
-                                       [--repeats 5] [--threads 2] [--keep DIR]
+                                       [--vae-images 16] [--vae-size 128] [--repeats 5] [--threads 2] [--keep DIR]
 
 The official UniMedVL code (github.com/uni-medical/UniMedVL, `codes/`) is run, not copied: this script builds the
 config's model with random weights, exports them in the official layout (unimedvl_jax.interop.export_official, fp32),
@@ -13,6 +13,10 @@ pillow; no unimedvl_jax needed there), which builds the official Bagel from the 
 strictly, and times `loss.backward()` of the official forward on the same kwargs and the same flow noise, with
 torch on --threads threads. The losses of both are printed next to each other: equal to fp32 rounding, so both sides
 did the same work.
+
+It also times the VAE encode of --vae-images random images of --vae-size pixels (part of every train step) on both
+sides: ours as the trainer calls it (bench/vae_t2i.py), the official AutoEncoder loaded strictly from the exported
+ae.safetensors, under torch.no_grad.
 
 Running the official training forward in fp32 on a CPU needs three stand-ins, all outside its own code:
   flash_attn        not installable without CUDA; its varlen function (used by the ViT) is replaced by per-image
@@ -43,6 +47,7 @@ import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 LIST_KEYS = ("sample_lens", "split_lens")  # the official forward takes these as Python lists
+VAE_ROW = "vae"
 
 
 # ----------------------------------------------------------------------------------------------- our side (JAX)
@@ -65,7 +70,7 @@ def export_and_time_ours(args, out_dir: pathlib.Path) -> list[dict]:
     model = nnx.merge(setup.graphdef, state.params, setup.rest)
     export_official(model, cfg.model, out_dir / "ckpt", dtype="float32")
     fwd_bwd = make_fwd_bwd(setup)
-    rows = []
+    rows = [time_our_vae_encode(model, args)]
     for length in args.pack_lengths:
         batch, latents, noise, packs, _ = build_packs(cfg.model, length, 1, args.seed)
         kwargs, modes = packed_batch_to_official(packs[0], latents[0])
@@ -83,6 +88,22 @@ def export_and_time_ours(args, out_dir: pathlib.Path) -> list[dict]:
         print(f"  ours, T={length}: fwd+bwd {seconds:.3f} s (median of {args.repeats}), loss {float(loss):.5f}",
               flush=True)
     return rows
+
+
+def time_our_vae_encode(model, args) -> dict:
+    """Our VAE encode of the bench's images (bench/vae_t2i.py's call): median seconds."""
+    from vae_t2i import vae_calls
+
+    encode = next(iter(vae_calls(model, args.vae_images, args.vae_size).values()))[0]
+    encode()
+    seconds = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        encode()
+        seconds.append(time.perf_counter() - start)
+    median = statistics.median(seconds)
+    print(f"  ours, VAE encode of {args.vae_images} images {args.vae_size}x{args.vae_size}: {median:.3f} s", flush=True)
+    return dict(length=VAE_ROW, ours_s=median)
 
 
 # ------------------------------------------------------------------------------------ official side (PyTorch)
@@ -164,8 +185,29 @@ def official_fwd_bwd(model, kwargs: dict, noise) -> float:
     return loss.item()
 
 
+def time_official_vae_encode(ckpt: pathlib.Path, args) -> None:
+    """Time the official AutoEncoder's encode of random images; print one JSON line."""
+    import torch
+    from modeling import autoencoder
+    from safetensors.torch import load_file
+
+    params = json.loads((ckpt / "bagel_config.json").read_text())["vae_params"]
+    fields = autoencoder.AutoEncoderParams.__dataclass_fields__
+    ae = autoencoder.AutoEncoder(autoencoder.AutoEncoderParams(**{k: v for k, v in params.items() if k in fields}))
+    ae.load_state_dict(load_file(ckpt / "ae.safetensors"), strict=True)
+    pixels = torch.rand(args.vae_images, 3, args.vae_size, args.vae_size) * 2 - 1
+    seconds = []
+    with torch.no_grad():
+        ae.eval().encode(pixels)
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            ae.encode(pixels)
+            seconds.append(time.perf_counter() - start)
+    print(json.dumps(dict(length=VAE_ROW, official_s=statistics.median(seconds))), flush=True)
+
+
 def time_official(args) -> None:
-    """Time the official fwd+bwd on each exported pack; print one JSON line per pack."""
+    """Time the official VAE encode and fwd+bwd on each exported pack; print one JSON line per row."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -174,6 +216,7 @@ def time_official(args) -> None:
     from data.data_utils import prepare_attention_mask_per_sample
 
     root = pathlib.Path(args.time_official)
+    time_official_vae_encode(root / "ckpt", args)
     model = build_official(root / "ckpt")
     for length in args.pack_lengths:
         meta = json.loads((root / f"pack_{length}.json").read_text())
@@ -205,6 +248,8 @@ def main():
     parser.add_argument("--pack-lengths", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--vae-images", type=int, default=16)
+    parser.add_argument("--vae-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", help="export directory to keep (default: a temporary one)")
     parser.add_argument("--time-official", help=argparse.SUPPRESS)  # internal: the torch side
@@ -220,11 +265,11 @@ def main():
     out_dir = pathlib.Path(args.keep or tempfile.mkdtemp(prefix="official-reference-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"{args.config}: our side (export to {out_dir}, then fwd+bwd)", flush=True)
-    rows = {r["length"]: r for r in export_and_time_ours(args, out_dir)}
+    rows = {r["length"]: r for r in export_and_time_ours(args, out_dir)}  # the VAE row first
     print("official side (PyTorch)", flush=True)
     cmd = [args.torch_python, __file__, "--official-src", args.official_src, "--time-official", str(out_dir),
            "--pack-lengths", *map(str, args.pack_lengths), "--repeats", str(args.repeats), "--threads",
-           str(args.threads)]
+           str(args.threads), "--vae-images", str(args.vae_images), "--vae-size", str(args.vae_size)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode:
         raise SystemExit(f"the official side failed (exit {proc.returncode}): {' '.join(cmd)}")
@@ -232,13 +277,14 @@ def main():
         if line.startswith("{"):
             r = json.loads(line)
             rows[r["length"]].update(r)
-    print(f"\nforward + backward, one pack, fp32 weights, median of {args.repeats} warm calls "
-          f"(torch threads {args.threads}):\n")
-    print("| T | ours s | official s | ours vs official speed | our loss | official loss |")
-    print("|--:|--:|--:|--:|--:|--:|")
+    print(f"\nfp32 weights, median of {args.repeats} warm calls (torch threads {args.threads}); fwd+bwd: one pack\n")
+    print("| work | ours s | official s | ours vs official speed | our loss | official loss |")
+    print("|:--|--:|--:|--:|--:|--:|")
     for length, r in rows.items():
-        print(f"| {length} | {r['ours_s']:.3f} | {r['official_s']:.3f} | {r['official_s'] / r['ours_s']:.2f}x | "
-              f"{r['ours_loss']:.5f} | {r['official_loss']:.5f} |")
+        work = (f"VAE encode, {args.vae_images} images {args.vae_size}x{args.vae_size}" if length == VAE_ROW
+                else f"fwd+bwd, T={length}")
+        losses = "| – | – |" if length == VAE_ROW else f"| {r['ours_loss']:.5f} | {r['official_loss']:.5f} |"
+        print(f"| {work} | {r['ours_s']:.3f} | {r['official_s']:.3f} | {r['official_s'] / r['ours_s']:.2f}x {losses}")
 
 
 if __name__ == "__main__":
