@@ -68,7 +68,7 @@ def export_and_time_ours(args, out_dir: pathlib.Path) -> list[dict]:
         cfg.model.attention_backend = args.backend
     setup, state = make_setup(cfg)
     model = nnx.merge(setup.graphdef, state.params, setup.rest)
-    export_official(model, cfg.model, out_dir / "ckpt", dtype="float32")
+    export_official(model, cfg.model, out_dir / "ckpt", dtype="float32", overwrite=True)
     fwd_bwd = make_fwd_bwd(setup)
     rows = [time_our_vae_encode(model, args)]
     for length in args.pack_lengths:
