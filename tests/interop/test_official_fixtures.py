@@ -77,6 +77,18 @@ def test_packed_batch_back_to_official_kwargs(imported, official_dir, manifest, 
         assert np.array_equal(np.asarray(back[key]), np.asarray(t[key]).reshape(np.shape(back[key]))), key
 
 
+def test_packed_batch_to_official_refuses_layouts_it_cannot_express(imported, official_dir, manifest):
+    """Padding before real tokens, or a sample split into two runs, has no official kwargs: a clear error."""
+    _, batch, latents = load_batch(official_dir, manifest, imported[1], "train_mixed_fp32", pad_tokens=9)
+    batch = batch.to_numpy()
+    kind = np.roll(batch.token_kind, 9)  # the padding first
+    with pytest.raises(ValueError, match="padding tokens among the first"):
+        packed_batch_to_official(batch.replace(token_kind=kind), latents)
+    sample = np.where(np.arange(batch.num_tokens) < 3, 1, batch.sample_id)  # sample 1 also before sample 0
+    with pytest.raises(ValueError, match="sample 1 is not one contiguous run"):
+        packed_batch_to_official(batch.replace(sample_id=sample), latents)
+
+
 @pytest.mark.parametrize("name", TRAIN_FIXTURES)
 @pytest.mark.parametrize("pad_tokens", [0, 9])
 def test_training_forward_matches_official(imported, official_dir, manifest, name, pad_tokens):

@@ -99,8 +99,11 @@ def packed_batch_to_official(batch: PackedBatch, latents) -> tuple[dict, list[li
                          "first")
     samples, sample_lens = _runs(np.asarray(batch.sample_id)[:length])
     splits, split_lens = _runs(np.asarray(batch.split_id)[:length])
-    if len(np.unique(samples)) != len(samples) or len(np.unique(splits)) != len(splits):
-        raise ValueError("a sample or split is not one contiguous run of tokens")
+    for what, ids in (("sample", samples), ("split", splits)):
+        values, counts = np.unique(ids, return_counts=True)
+        if np.any(counts > 1):
+            raise ValueError(f"{what} {int(values[counts > 1][0])} is not one contiguous run of tokens: the official "
+                             f"layout packs each {what} in one piece")
     mode_names = {v: k for k, v in SPLIT_MODES.items()}
     split_sample = np.asarray(batch.sample_id)[np.cumsum(split_lens) - 1]
     split_mode = np.asarray(batch.split_mode)[np.cumsum(split_lens) - 1]
