@@ -1,4 +1,5 @@
-"""bench/train_throughput.py runs end to end on a tiny setting and prints its table."""
+"""bench/train_throughput.py runs end to end on a tiny setting and prints its table; bench/official_reference.py
+checks its inputs."""
 
 import json
 import os
@@ -46,3 +47,19 @@ def test_bad_config_file_is_one_line(tmp_path):
         res = subprocess.run([sys.executable, str(SCRIPT), "--config", str(path)], capture_output=True, text=True,
                              cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=240)
         assert res.returncode != 0 and res.stderr.strip() == line, res.stderr
+
+
+def test_official_reference_names_a_missing_checkout_or_python(tmp_path):
+    """bench/official_reference.py checks both of its external inputs before it builds anything: one line each."""
+    script = str(ROOT / "bench" / "official_reference.py")
+    codes = tmp_path / "codes"
+    (codes / "modeling" / "unimedvl").mkdir(parents=True)
+    (codes / "modeling" / "unimedvl" / "bagel.py").write_text("")
+    cases = ((["--official-src", str(tmp_path), "--torch-python", sys.executable],
+              f"--official-src {tmp_path}: no modeling/unimedvl/bagel.py"),
+             (["--official-src", str(codes), "--torch-python", str(tmp_path / "python")],
+              f"--torch-python {tmp_path / 'python'}: not an executable python"))
+    for argv, start in cases:
+        res = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert res.returncode != 0 and res.stderr.startswith(start) and len(res.stderr.splitlines()) == 1, res.stderr
+        assert "our side" not in res.stdout
