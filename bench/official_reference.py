@@ -228,7 +228,6 @@ def time_official(args) -> None:
         kwargs["nested_attention_masks"] = [prepare_attention_mask_per_sample(s, m) for s, m in
                                             zip(meta["split_lens_per_sample"], meta["attn_modes"])]
         kwargs["sequence_length"] = meta["sequence_length"]
-        kwargs.pop("split_lens")  # the nested-mask form of the forward does not take it
         loss, seconds = official_fwd_bwd(model, kwargs, noise), []
         for _ in range(args.repeats):
             start = time.perf_counter()

@@ -66,3 +66,11 @@ class PackedBatch:
 def describe_shapes(batch: PackedBatch) -> dict[str, tuple]:
     """Field name -> shape, for error messages and logging."""
     return {k: tuple(np.shape(v)) for k, v in vars(batch).items()}
+
+
+def contiguous_runs(ids) -> tuple[np.ndarray, np.ndarray]:
+    """(start position, length) of each run of equal consecutive values in a 1-D numpy array (e.g. the samples or
+    splits of a pack in the packer's layout)."""
+    ids = np.asarray(ids)
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, np.int64)
+    return starts, np.diff(np.r_[starts, len(ids)])

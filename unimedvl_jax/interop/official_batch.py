@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from unimedvl_jax.packed_batch import PAD, SPLIT_MODES, TEXT, VAE, VIT, PackedBatch
+from unimedvl_jax.packed_batch import PAD, SPLIT_MODES, TEXT, VAE, VIT, PackedBatch, contiguous_runs
 from unimedvl_jax.patches import grid_rows_cols
 
 
@@ -81,9 +81,9 @@ def official_to_packed_batch(t: dict, attn_modes: list[str], *, vit_patch_dim: i
 
 
 def _runs(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(first value, length) of each run of equal values in `ids`."""
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, np.int64)
-    return ids[starts], np.diff(np.r_[starts, len(ids)])
+    """(value, length) of each run of equal values in `ids`."""
+    starts, lengths = contiguous_runs(ids)
+    return ids[starts], lengths
 
 
 def packed_batch_to_official(batch: PackedBatch, latents) -> tuple[dict, list[list[str]]]:

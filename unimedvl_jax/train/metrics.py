@@ -61,7 +61,7 @@ import numpy as np
 from clu import metrics as clu_metrics
 from flax import struct
 
-from unimedvl_jax.packed_batch import CAUSAL, NOISE, PAD
+from unimedvl_jax.packed_batch import CAUSAL, NOISE, PAD, contiguous_runs
 from unimedvl_jax.train.step import param_path
 
 STEP_FIELDS = ("run", "step", "stage", "loss", "ce", "mse", "grad_norm", "lr", "finite", "skipped",
@@ -91,10 +91,8 @@ def peak_tflops(device_kind: str) -> float | None:
 
 def _runs(ids: np.ndarray):
     """(first, last) position of the contiguous run of equal ids that each position belongs to."""
-    change = np.flatnonzero(ids[1:] != ids[:-1]) + 1
-    starts, ends = np.r_[0, change], np.r_[change - 1, len(ids) - 1]
-    run = np.cumsum(np.r_[0, ids[1:] != ids[:-1]])
-    return starts[run], ends[run]
+    starts, lengths = contiguous_runs(ids)
+    return np.repeat(starts, lengths), np.repeat(starts + lengths - 1, lengths)
 
 
 def sample_lengths(batch) -> np.ndarray:
